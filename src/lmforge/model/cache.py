@@ -1,0 +1,53 @@
+"""KV cache: preallocated buffers, filled in place, so a decode step allocates nothing per layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+
+
+class KVCache:
+    """Keys/values of every self-attention layer for a batch of sequences that advance together.
+
+    Rows of different lengths are left-padded: `valid` marks the real slots and `pad` is each row's
+    count of leading pads, so a slot's position is `slot - pad[row]` (same tokens as one by one).
+    For an encoder-decoder, `memory` holds each decoder layer's cross-attention keys/values and
+    `memory_mask` the encoder padding, computed once from the encoder output.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, n_layer: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        shape = (n_layer, 2, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.padded = False  # fast path: no pads anywhere -> no masks at decode
+        self.length = 0
+        self.max_len = max_len
+        self.memory: list[tuple[Tensor, Tensor]] | None = None
+        self.memory_mask: Tensor | None = None
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.kv[i, 0], self.kv[i, 1]
+
+    def set_padding(self, attention_mask: Tensor) -> None:
+        """Record the left padding of the prompt chunk about to be written at slot `length`."""
+        T = attention_mask.shape[1]
+        keep = attention_mask.bool()
+        self.valid[:, self.length : self.length + T] = keep
+        if not bool(keep.all()):
+            self.padded = True
+            if self.length == 0:
+                self.pad = (~keep).long().cumprod(dim=1).sum(dim=1)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these batch rows (finished sequences leave the batch)."""
+        self.kv = self.kv[:, :, rows]
+        self.valid, self.pad = self.valid[rows], self.pad[rows]
+        if self.memory is not None:
+            self.memory = [(k[rows], v[rows]) for k, v in self.memory]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask[rows]

@@ -1,0 +1,200 @@
+"""HF checkpoint folders (config.json + safetensors) <-> ModelConfig and our state dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.weights.names import HF_PREFIXES, HF_RULES, to_ours, to_theirs
+
+ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+def _eos_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [int(value)]
+
+
+def _rope_base(hf: dict[str, Any]) -> float:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", None):
+        raise LmforgeError(f"rope scaling {kind!r} is not supported yet")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
+    kind = hf.get("model_type")
+    common: dict[str, Any] = dict(name=name, hf_model_type=kind, vocab_size=hf.get("vocab_size"))
+    if kind in ("llama", "mistral", "qwen2"):
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
+        if sliding and sliding < hf["max_position_embeddings"]:
+            raise LmforgeError(f"sliding-window attention ({sliding}) is not supported yet")
+        n_head = hf["num_attention_heads"]
+        return ModelConfig(
+            **common, d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, d_ff=hf["intermediate_size"],
+            max_seq_len=hf["max_position_embeddings"], rope_base=_rope_base(hf), norm_eps=hf["rms_norm_eps"],
+            act=ACT_FROM_HF[hf.get("hidden_act", "silu")],
+            qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")),
+            attn_out_bias=kind != "qwen2" and bool(hf.get("attention_bias")),
+            mlp_bias=bool(hf.get("mlp_bias")), tie_embeddings=bool(hf.get("tie_word_embeddings", kind != "llama")),
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_list(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+    if kind == "gpt2":
+        d = hf["n_embd"]
+        return ModelConfig(
+            **common, d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+            max_seq_len=hf["n_positions"], pos="learned", norm="layer", norm_eps=hf["layer_norm_epsilon"],
+            gated_mlp=False, act=ACT_FROM_HF[hf.get("activation_function", "gelu_new")], qkv_bias=True,
+            attn_out_bias=True, mlp_bias=True, bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_eos_list(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        )
+    if kind == "bert":
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise LmforgeError("only absolute position embeddings are supported for BERT")
+        return ModelConfig(
+            **common, family="encoder", d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+            max_seq_len=hf["max_position_embeddings"], pos="learned", n_token_types=hf.get("type_vocab_size", 2),
+            norm="layer", norm_eps=hf.get("layer_norm_eps", 1e-12), post_norm=True, gated_mlp=False,
+            act=ACT_FROM_HF[hf.get("hidden_act", "gelu")], qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+            pad_token_id=hf.get("pad_token_id", 0), n_labels=len(hf.get("id2label") or {}) if "id2label" in hf
+            and any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []) else 0,
+            mlm_head=any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in hf.get("architectures") or []),
+        )
+    if kind == "t5":
+        ff = hf.get("feed_forward_proj", "relu")
+        gated = ff.startswith("gated-")
+        act = ff.removeprefix("gated-")
+        tie = bool(hf.get("tie_word_embeddings", True))
+        d = hf["d_model"]
+        return ModelConfig(
+            **common, family="encoder-decoder", d_model=d, n_layer=hf["num_layers"],
+            n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
+            head_dim=hf["d_kv"], d_ff=hf["d_ff"], max_seq_len=hf.get("n_positions", 512), pos="relative",
+            rel_buckets=hf.get("relative_attention_num_buckets", 32),
+            rel_max_distance=hf.get("relative_attention_max_distance", 128), norm="rms",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-6), gated_mlp=gated,
+            act=ACT_FROM_HF["gelu_new" if act == "gelu" else act], attn_scale=1.0, tie_embeddings=tie,
+            logit_scale=d**-0.5 if tie else 1.0, eos_token_ids=_eos_list(hf.get("eos_token_id", 1)),
+            pad_token_id=hf.get("pad_token_id", 0), decoder_start_token_id=hf.get("decoder_start_token_id", 0),
+        )
+    raise LmforgeError(f"unsupported model_type {kind!r} (supported: {', '.join(sorted(HF_RULES))})")
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    kind = cfg.hf_model_type
+    eos = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else (cfg.eos_token_ids or None)
+    if kind in ("llama", "mistral", "qwen2"):
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]
+        hf: dict[str, Any] = dict(
+            architectures=[arch], model_type=kind, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+            head_dim=cfg.head_dim, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_seq_len,
+            rope_theta=cfg.rope_base, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+            rms_norm_eps=cfg.norm_eps, hidden_act=ACT_TO_HF[cfg.act], tie_word_embeddings=cfg.tie_embeddings,
+            bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id,
+        )
+        if kind == "llama":
+            hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+        if kind == "mistral":
+            hf.update(sliding_window=None)
+        return hf
+    if kind == "gpt2":
+        return dict(
+            architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size, n_embd=cfg.d_model,
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff, n_positions=cfg.max_seq_len,
+            layer_norm_epsilon=cfg.norm_eps, activation_function=ACT_TO_HF[cfg.act], bos_token_id=cfg.bos_token_id,
+            eos_token_id=eos, tie_word_embeddings=True,
+        )
+    if kind == "bert":
+        arch = "BertForMaskedLM" if cfg.mlm_head else "BertForSequenceClassification" if cfg.n_labels else "BertModel"
+        hf = dict(
+            architectures=[arch], model_type="bert", vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
+            max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.n_token_types,
+            layer_norm_eps=cfg.norm_eps, hidden_act=ACT_TO_HF[cfg.act], pad_token_id=cfg.pad_token_id,
+            position_embedding_type="absolute",
+        )
+        if cfg.n_labels:
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.n_labels)}
+            hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.n_labels)}
+        return hf
+    if kind == "t5":
+        act = "gelu" if cfg.act == "gelu_tanh" else cfg.act
+        return dict(
+            architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=cfg.vocab_size,
+            d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff, num_layers=cfg.n_layer,
+            num_decoder_layers=cfg.n_decoder_layer, num_heads=cfg.n_head,
+            relative_attention_num_buckets=cfg.rel_buckets, relative_attention_max_distance=cfg.rel_max_distance,
+            layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=("gated-" if cfg.gated_mlp else "") + act,
+            dense_act_fn=ACT_TO_HF[cfg.act], is_gated_act=cfg.gated_mlp, tie_word_embeddings=cfg.tie_embeddings,
+            pad_token_id=cfg.pad_token_id, eos_token_id=eos, decoder_start_token_id=cfg.decoder_start_token_id,
+            is_encoder_decoder=True,
+        )
+    raise LmforgeError(f"cannot export model_type {kind!r}")
+
+
+def _conv1d_fix(name: str, tensor: Tensor) -> Tensor:
+    """GPT-2 stores its block Linear weights transposed (Conv1D: in x out)."""
+    return tensor.t().contiguous() if name.startswith("h.") and tensor.ndim == 2 else tensor
+
+
+def read_safetensors(folder: Path) -> dict[str, Tensor]:
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, Tensor] = {}
+            for shard in shards:
+                state.update(load_file(folder / shard))
+            return state
+        if (folder / "model.safetensors").exists():
+            return load_file(folder / "model.safetensors")
+        if (folder / "pytorch_model.bin").exists():
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"corrupt weights in {folder}: {str(e).splitlines()[0]}") from None
+    raise LmforgeError(f"no model.safetensors (or index) in {folder}")
+
+
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """An HF checkpoint folder -> (config, our state dict), tensors as stored."""
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"bad config.json in {folder}: {e}") from None
+    cfg = config_from_hf(hf, name=folder.name)
+    kind = cfg.hf_model_type
+    raw = read_safetensors(folder)
+    if kind == "t5" and "lm_head.weight" in raw and cfg.tie_embeddings:
+        raw.pop("lm_head.weight")
+    if kind in ("gpt2",) and "lm_head.weight" in raw:
+        raw.pop("lm_head.weight")  # tied copy saved by GPT2LMHeadModel
+    if kind in ("llama", "mistral", "qwen2") and cfg.tie_embeddings:
+        raw.pop("lm_head.weight", None)
+    fix = _conv1d_fix if kind == "gpt2" else None
+    state = to_ours(raw, HF_RULES[kind], HF_PREFIXES.get(kind, ""), fix)
+    return cfg, state
+
+
+def save_hf_folder(cfg: ModelConfig, state: dict[str, Tensor], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fix = _conv1d_fix if cfg.hf_model_type == "gpt2" else None
+    theirs = to_theirs(cfg, state, HF_RULES[cfg.hf_model_type], fix)
+    save_file({k: v.contiguous() for k, v in theirs.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
