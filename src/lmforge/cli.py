@@ -1,0 +1,192 @@
+"""`lmforge <command>`: thin shells over library calls. Bad input -> one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from lmforge.errors import LmforgeError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from lmforge.weights.registry import DEFAULT_CHAT_MODEL
+
+    p.add_argument("--model", "-m", default=DEFAULT_CHAT_MODEL, help="short name, GGUF file, HF folder or hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="inference precision (auto: bfloat16 where the CPU computes it natively)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
+    p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace):  # -> SamplingParams
+    from lmforge.generate import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop),
+    )
+    params.validate()
+    return params
+
+
+def _load(args: argparse.Namespace):  # -> (Transformer, Tokenizer)
+    from rich.console import Console
+
+    from lmforge.weights.load import load
+
+    with Console(stderr=True).status(f"loading {args.model} ..."):
+        return load(args.model, dtype=args.dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.generate import encode_prompt, stream
+
+    params = _sampling(args)
+    model, tokenizer = _load(args)
+    if model.cfg.family == "encoder":
+        raise LmforgeError(f"{args.model} is an encoder: it embeds text (lmforge embed), it cannot generate")
+    if args.chat:
+        ids = encode_prompt(tokenizer, args.prompt, chat=True, system=args.system)
+    else:
+        ids = tokenizer.encode(args.prompt)
+    for delta in stream(model, tokenizer, ids, params, truncate=args.truncate):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmforge.chat import chat_session
+
+    params = _sampling(args)
+    model, tokenizer = _load(args)
+    chat_session(model, tokenizer, params, system=args.system)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmforge.model_info import inspect_model
+
+    info = inspect_model(args.model)
+    table = Table(title=str(info.pop("model")), show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lmforge.weights.load import export_hf, load
+
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
+        raise LmforgeError(f"{dst} exists and is not empty (use --force to overwrite)")
+    console = Console(stderr=True)
+    with console.status(f"converting {args.src} ..."):
+        model, tokenizer = load(args.src, dtype=args.dtype)
+        export_hf(model, tokenizer, dst)
+    console.print(f"wrote {dst} ({model.cfg.hf_model_type}, {args.dtype})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge import __version__
+
+    parser = Parser(prog="lmforge", description="Run, inspect and convert language models.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("generate", help="continue a text (or answer it with --chat), streaming to stdout")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    p.add_argument("--chat", action="store_true", help="render the prompt as one user turn of the chat template")
+    p.add_argument("--system", default=None, help="system prompt for --chat (default: the template's own)")
+    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens instead of failing")
+    _add_sampling_args(p, max_new_tokens=256)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat; /reset clears the conversation, /exit quits")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    _add_sampling_args(p, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="family, parameters, context length and memory of a model")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="GGUF file or HF folder -> HF folder (config.json + safetensors)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty destination")
+    p.set_defaults(func=cmd_convert)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from lmforge.embeddings import add_embed_command
+    from lmforge.text.cli import add_text_commands
+
+    return [add_embed_command, add_text_commands]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "dtype") and args.dtype == "auto":
+        from lmforge.weights.load import default_dtype
+
+        args.dtype = default_dtype()
+    try:
+        return args.func(args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lmforge generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

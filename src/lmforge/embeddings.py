@@ -1,0 +1,169 @@
+"""Sentence embeddings from an encoder checkpoint (all-MiniLM-L6-v2 by default), the way
+sentence-transformers computes them: tokenize, encode, pool (mean or [CLS]) and optionally L2-normalise,
+all as the checkpoint's sentence-transformers config says. `lmforge embed` is the command-line shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.weights.registry import DEFAULT_EMBED_MODEL
+
+__all__ = ["embed", "load_encoder", "add_embed_command"]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(model: str, dtype: str | torch.dtype) -> tuple[Transformer, Tokenizer]:
+    from lmforge.weights.load import load
+
+    encoder, tokenizer = load(model, dtype)
+    if encoder.cfg.family == "decoder":
+        raise LmforgeError(f"{model} is a decoder-only model; embeddings need an encoder such as {DEFAULT_EMBED_MODEL}")
+    return encoder, tokenizer
+
+
+def load_encoder(model: str | Path = DEFAULT_EMBED_MODEL, dtype: str | torch.dtype = "float32") -> tuple[
+    Transformer, Tokenizer
+]:
+    """The (model, tokenizer) `embed` uses, loaded once per process for each (model, dtype)."""
+    return _load_cached(str(model), dtype)
+
+
+def max_tokens(model: Transformer) -> int:
+    """Inputs are cut to this many tokens: sentence-transformers' max_seq_length, else the model's context."""
+    cfg = model.cfg
+    return min(cfg.truncate_len, cfg.max_seq_len) if cfg.truncate_len else cfg.max_seq_len
+
+
+@torch.inference_mode()
+def embed(
+    texts: list[str] | str,
+    model: str | Path = DEFAULT_EMBED_MODEL,
+    batch_size: int = 64,
+    dtype: str | torch.dtype = "float32",
+) -> np.ndarray:
+    """Texts -> (n, dim) float32 sentence embeddings, in input order.
+
+    Texts longer than the model's limit are truncated, with one warning per call saying how many.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+        raise LmforgeError("embed() takes a string or a list of strings")
+    if batch_size < 1:
+        raise LmforgeError(f"batch_size must be >= 1, got {batch_size}")
+    encoder, tokenizer = load_encoder(model, dtype)
+    dim = encoder.cfg.d_model
+    if not texts:
+        return np.zeros((0, dim), dtype=np.float32)
+
+    limit = max_tokens(encoder)
+    ids, truncated = tokenizer.encode_batch_truncated(list(texts), max_length=limit)
+    if any(truncated):
+        warnings.warn(
+            f"{sum(truncated)} of {len(texts)} texts were longer than {limit} tokens and were truncated",
+            stacklevel=2,
+        )
+
+    pad_id = encoder.cfg.pad_token_id if encoder.cfg.pad_token_id is not None else tokenizer.pad_id or 0
+    # longest first, so each batch pads only to its own longest row and the largest batch is met first
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        out[rows] = _embed_batch(encoder, [ids[i] for i in rows], pad_id)
+    return out
+
+
+def _embed_batch(encoder: Transformer, batch: list[list[int]], pad_id: int) -> np.ndarray:
+    longest = max(len(r) for r in batch)
+    tokens = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, r in enumerate(batch):
+        tokens[row, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[row, : len(r)] = 1
+    hidden = encoder.encode(tokens, mask)
+    return encoder.pool(hidden, mask).float().numpy()
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def add_embed_command(subparsers: Any) -> None:
+    """Register `lmforge embed` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "embed",
+        help="sentence embeddings of texts (one row per text)",
+        description="Sentence embeddings of the texts given as arguments, or of each line of --file "
+        "(- = stdin). json prints a list of lists; npy writes a binary float32 (n, dim) array.",
+    )
+    p.add_argument("texts", nargs="*", help="texts to embed")
+    p.add_argument("--file", "-f", help="embed each line of this file (- = stdin)")
+    p.add_argument("--model", "-m", default=DEFAULT_EMBED_MODEL, help="encoder: short name, HF folder or hub id")
+    p.add_argument("--format", choices=["json", "npy"], default="json")
+    p.add_argument("--output", "-o", help="write here instead of stdout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=cmd_embed)
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    if args.file and args.texts:
+        raise LmforgeError("give texts as arguments or --file, not both")
+    if args.file:
+        if args.file == "-":
+            content = sys.stdin.read()
+        else:
+            try:
+                content = Path(args.file).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise LmforgeError(f"no such file: {args.file}") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise LmforgeError(f"cannot read {args.file}: {e}") from None
+        texts = content.splitlines()  # one text per line, blank lines included, so row i is line i
+    else:
+        texts = list(args.texts)
+    if not texts:
+        raise LmforgeError("no texts to embed: pass them as arguments or with --file")
+    return texts
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
+    if args.batch_size < 1:
+        raise LmforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    vectors = embed(texts, model=args.model, batch_size=args.batch_size, dtype=args.dtype)
+    if args.format == "json":
+        payload = (json.dumps(vectors.tolist()) + "\n").encode()
+    else:
+        buffer = io.BytesIO()
+        np.save(buffer, vectors, allow_pickle=False)
+        payload = buffer.getvalue()
+    if args.output:
+        try:
+            Path(args.output).write_bytes(payload)  # exactly this path: np.save would append .npy
+        except OSError as e:
+            raise LmforgeError(f"cannot write {args.output}: {e}") from None
+        return 0
+    if args.format == "json":
+        sys.stdout.write(payload.decode())
+        return 0
+    if sys.stdout.isatty():
+        raise LmforgeError("refusing to write binary .npy to a terminal; use --output PATH or a pipe")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(payload)
+    sys.stdout.buffer.flush()
+    return 0
