@@ -33,7 +33,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
 
 def test_generate_greedy_prints_only_the_completion(smollm) -> None:
     model, tokenizer = smollm
-    expected = generate(model, tokenizer, ["The capital of France is"], SamplingParams(max_new_tokens=12, temperature=0))
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    expected = generate(model, tokenizer, ["The capital of France is"], greedy)
     out = lmforge("generate", "The capital of France is", "--temperature", "0", "--max-new-tokens", "12",
                   "--dtype", "float32")
     assert out.returncode == 0, out.stderr
