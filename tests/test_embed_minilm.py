@@ -109,7 +109,7 @@ def test_token_ids_match_sentence_transformers_and_transformers(minilm_path, st_
     assert ids[SENTENCES.index("")] == [101, 102]  # [CLS] [SEP]
     st_ids = st_model.tokenize(SENTENCES)["input_ids"]
     st_mask = st_model.tokenize(SENTENCES)["attention_mask"]
-    assert [row[mask.bool()].tolist() for row, mask in zip(st_ids, st_mask)] == ids
+    assert [row[mask.bool()].tolist() for row, mask in zip(st_ids, st_mask, strict=True)] == ids
     hf = AutoTokenizer.from_pretrained(minilm_path)
     assert hf(SENTENCES, truncation=True, max_length=256)["input_ids"] == ids
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig
 
 from lmforge.embeddings import embed
+from lmforge.errors import LmforgeError
 from lmforge.weights.load import export_hf, load
 
 TOL = 1e-4
@@ -46,15 +47,24 @@ def make_hf(kind: str, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["mlm", "cls"])
-def pair(request, tmp_path_factory):
+def saved(kind: str, tmp_path_factory):
     """(kind, transformers model, its folder, our model, our tokenizer)."""
-    folder = tmp_path_factory.mktemp(f"bert-{request.param}")
-    hf = make_hf(request.param)
+    folder = tmp_path_factory.mktemp(f"bert-{kind}")
+    hf = make_hf(kind)
     hf.save_pretrained(folder)
     write_wordpiece_tokenizer(folder)
     model, tok = load(folder)
-    return request.param, hf, folder, model, tok
+    return kind, hf, folder, model, tok
+
+
+@pytest.fixture(scope="module", params=["mlm", "cls"])
+def pair(request, tmp_path_factory):
+    return saved(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def mlm(tmp_path_factory):
+    return saved("mlm", tmp_path_factory)
 
 
 def batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,11 +139,9 @@ def test_export_round_trip(pair, tmp_path):
     torch.testing.assert_close(head(kind, ours2, tokens, mask), head(kind, model, tokens, mask), atol=0, rtol=0)
 
 
-def test_embed_plain_bert_folder_is_mean_pooled(pair):
+def test_embed_plain_bert_folder_is_mean_pooled(mlm):
     """A BERT folder without sentence-transformers files embeds as sentence-transformers would: mean, no norm."""
-    kind, hf, folder, model, tok = pair
-    if kind != "mlm":
-        pytest.skip("one head is enough")
+    _, hf, folder, _, tok = mlm
     vectors = embed(TEXTS, model=str(folder), batch_size=3)
     assert vectors.shape == (len(TEXTS), 32) and vectors.dtype == np.float32
     tokens, mask = batch(tok, TEXTS)
@@ -142,3 +150,90 @@ def test_embed_plain_bert_folder_is_mean_pooled(pair):
     m = mask[..., None].float()
     expected = ((hidden * m).sum(1) / m.sum(1)).numpy()
     np.testing.assert_allclose(vectors, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("pooling, normalize", [("cls", False), ("mean", True)])
+def test_embed_sentence_transformers_folder(mlm, tmp_path, pooling, normalize):
+    """A folder saved by sentence-transformers itself (its current config format): pooling and normalisation
+    follow it, and the vectors equal its own."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+
+    folder = mlm[2]
+    modules = [models.Transformer(str(folder), max_seq_length=8), models.Pooling(32, pooling_mode=pooling)]
+    st = SentenceTransformer(modules=modules + ([models.Normalize()] if normalize else []), device="cpu")
+    st.save(str(tmp_path))
+    with pytest.warns(UserWarning, match="1 of 4 texts were longer than 8 tokens"):
+        ours = embed(TEXTS, model=str(tmp_path))
+    np.testing.assert_allclose(ours, st.encode(TEXTS), atol=TOL, rtol=0)
+    model, _ = load(tmp_path)
+    assert (model.cfg.pooling, model.cfg.normalize_embeddings, model.cfg.truncate_len) == (pooling, normalize, 8)
+
+
+def test_unsupported_sentence_transformers_pooling_is_refused(mlm, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+
+    folder = mlm[2]
+    st = SentenceTransformer(modules=[models.Transformer(str(folder)), models.Pooling(32, pooling_mode="max")])
+    st.save(str(tmp_path))
+    with pytest.raises(LmforgeError, match="pooling max"):
+        load(tmp_path)
+
+
+def test_onednn_fast_path_equals_plain_path_and_training_still_works(mlm, monkeypatch):
+    """Encoder blocks use oneDNN's fused matmul for inference; with autograd they fall back to nn.Linear."""
+    from lmforge.model import layers
+
+    _, _, _, model, tok = mlm
+    tokens, mask = batch(tok, TEXTS)
+    with torch.no_grad():
+        fast = model.mlm_logits(model.encode(tokens, mask))
+        monkeypatch.setattr(layers, "_ONEDNN", False)
+        plain = model.mlm_logits(model.encode(tokens, mask))
+        monkeypatch.undo()
+    torch.testing.assert_close(fast, plain, atol=TOL, rtol=0)
+
+    # packed weights are rebuilt when a weight changes in place
+    fc = model.encoder[0].mlp.fc_in
+    with torch.no_grad():
+        fc.weight.mul_(0.5)
+        changed = model.mlm_logits(model.encode(tokens, mask))
+        monkeypatch.setattr(layers, "_ONEDNN", False)
+        expected = model.mlm_logits(model.encode(tokens, mask))
+        monkeypatch.undo()
+        fc.weight.mul_(2.0)
+    torch.testing.assert_close(changed, expected, atol=TOL, rtol=0)
+    assert (changed - fast).abs().max() > 1e-3
+
+    fc.weight.requires_grad_(True)
+    try:
+        model.mlm_logits(model.encode(tokens, mask)).sum().backward()
+        assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
+    finally:
+        fc.weight.requires_grad_(False)
+        fc.weight.grad = None
+
+
+def test_pretraining_checkpoint_with_gamma_beta_names(tmp_path):
+    """BertForPreTraining (its unused next-sentence head) saved with the original gamma/beta LayerNorm names."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertForPreTraining
+
+    config = make_hf("mlm").config
+    torch.manual_seed(1)
+    hf = BertForPreTraining(config).eval()
+    hf.save_pretrained(tmp_path)
+    write_wordpiece_tokenizer(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in state.items()}
+    assert renamed.keys() != state.keys()
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, tok = load(tmp_path)
+    assert model.cfg.mlm_head
+    tokens, mask = batch(tok, TEXTS)
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, attention_mask=mask).prediction_logits
+    ours = model.mlm_logits(model.encode(tokens, mask))
+    assert (ours - ref)[mask.bool()].abs().max().item() <= TOL

@@ -138,7 +138,7 @@ def test_decoder_cache_matches_full_forward(pair):
 def ours_greedy(model, prompts: list[list[int]], n: int = 20) -> list[list[int]]:
     steps = list(generate_tokens(model, prompts, SamplingParams(max_new_tokens=n, temperature=0), eos_ids=[]))
     assert len(steps) == n
-    return [list(row) for row in zip(*steps)]
+    return [list(row) for row in zip(*steps, strict=True)]
 
 
 def test_greedy_generation_matches_transformers(pair):
@@ -151,7 +151,7 @@ def test_greedy_generation_matches_transformers(pair):
         expected.append(out[0, 1:].tolist())  # drop the decoder start token
     if version == "v1.1":  # a real sequence; a random tied v1.0 settles on one token, which still has to match
         assert any(len(set(e)) > 5 for e in expected)
-    for prompt, exp in zip(PROMPTS, expected):
+    for prompt, exp in zip(PROMPTS, expected, strict=True):
         assert ours_greedy(model, [prompt]) == [exp]
     assert ours_greedy(model, PROMPTS) == expected  # batched: the encoder input is padded
 
@@ -193,3 +193,16 @@ def test_unscaled_tied_head_exports_portably(tmp_path):
     ref = hf_logits(hf, tokens, mask, dec)
     assert (hf_logits(hf2, tokens, mask, dec) - ref).abs().max().item() <= TOL
     assert (model(tokens, mask, decoder_tokens=dec) - ref).abs().max().item() <= TOL
+
+
+def test_embed_uses_the_encoder_like_sentence_transformers(tmp_path):
+    """An encoder-decoder embeds with its encoder, mean-pooled: what sentence-transformers does with a T5 folder."""
+    from sentence_transformers import SentenceTransformer
+
+    from lmforge.embeddings import embed
+
+    make_hf("v1.1").save_pretrained(tmp_path)
+    write_word_tokenizer(tmp_path)
+    texts = ["w5 w6 w7 w8", "w9", ""]
+    expected = SentenceTransformer(str(tmp_path), device="cpu").encode(texts)
+    assert abs(embed(texts, model=str(tmp_path)) - expected).max() <= TOL

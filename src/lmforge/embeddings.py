@@ -12,27 +12,44 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import Transformer
-from lmforge.tokenizer import Tokenizer
 from lmforge.weights.registry import DEFAULT_EMBED_MODEL
 
+if TYPE_CHECKING:  # torch and the model load on first use: `lmforge --help` and other commands stay quick
+    import torch
+
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+
 __all__ = ["embed", "load_encoder", "add_embed_command"]
+
+
+def _not_a_decoder(model: str) -> None:
+    """Refuse a decoder-only model from its config alone, before its weights are read."""
+    from lmforge.weights.hf import config_from_hf
+    from lmforge.weights.registry import resolve
+
+    path = resolve(model)
+    family = "decoder" if path.is_file() else None  # GGUF files hold decoders only
+    if path.is_dir() and (path / "config.json").exists():
+        try:
+            family = config_from_hf(json.loads((path / "config.json").read_text())).family
+        except (LmforgeError, ValueError, KeyError, TypeError):
+            family = None  # let load() report what is wrong with the folder
+    if family == "decoder":
+        raise LmforgeError(f"{model} is a decoder-only model; embeddings need an encoder such as {DEFAULT_EMBED_MODEL}")
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(model: str, dtype: str | torch.dtype) -> tuple[Transformer, Tokenizer]:
     from lmforge.weights.load import load
 
-    encoder, tokenizer = load(model, dtype)
-    if encoder.cfg.family == "decoder":
-        raise LmforgeError(f"{model} is a decoder-only model; embeddings need an encoder such as {DEFAULT_EMBED_MODEL}")
-    return encoder, tokenizer
+    _not_a_decoder(model)
+    return load(model, dtype)
 
 
 def load_encoder(model: str | Path = DEFAULT_EMBED_MODEL, dtype: str | torch.dtype = "float32") -> tuple[
@@ -48,7 +65,6 @@ def max_tokens(model: Transformer) -> int:
     return min(cfg.truncate_len, cfg.max_seq_len) if cfg.truncate_len else cfg.max_seq_len
 
 
-@torch.inference_mode()
 def embed(
     texts: list[str] | str,
     model: str | Path = DEFAULT_EMBED_MODEL,
@@ -81,14 +97,19 @@ def embed(
     pad_id = encoder.cfg.pad_token_id if encoder.cfg.pad_token_id is not None else tokenizer.pad_id or 0
     # longest first, so each batch pads only to its own longest row and the largest batch is met first
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    import torch
+
     out = np.empty((len(ids), dim), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        out[rows] = _embed_batch(encoder, [ids[i] for i in rows], pad_id)
+    with torch.inference_mode():  # not around load_encoder: cached weights must stay usable with autograd
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = _embed_batch(encoder, [ids[i] for i in rows], pad_id)
     return out
 
 
 def _embed_batch(encoder: Transformer, batch: list[list[int]], pad_id: int) -> np.ndarray:
+    import torch
+
     longest = max(len(r) for r in batch)
     tokens = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)

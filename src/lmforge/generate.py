@@ -124,7 +124,7 @@ def generate_tokens(
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_new):
         next_ids = sample(model.lm_logits(hidden[:, -1]), history, params, generator)
-        out: list[int | None] = [None if d else int(t) for t, d in zip(next_ids.tolist(), done.tolist())]
+        out: list[int | None] = [None if d else int(t) for t, d in zip(next_ids.tolist(), done.tolist(), strict=False)]
         done |= torch.tensor([t in eos for t in next_ids.tolist()])
         yield [None if t in eos else t for t in out]
         if bool(done.all()) or step == max_new - 1:
@@ -208,7 +208,10 @@ def stream(
 
 
 def generate(
-    model: Transformer, tokenizer: Tokenizer, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str] | list[list[int]],
+    params: SamplingParams | None = None,
     truncate: bool = False,
 ) -> list[str]:
     """Generate for a batch of prompts of any lengths at once; returns each completion's text."""
@@ -216,7 +219,7 @@ def generate(
     ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     texts = [TextStream(tokenizer, params.stop) for _ in ids]
     for step in generate_tokens(model, ids, params, truncate=truncate):
-        for text, token in zip(texts, step):
+        for text, token in zip(texts, step, strict=False):
             if token is not None and not text.stopped:
                 text.push(token)
         if all(t.stopped for t in texts):

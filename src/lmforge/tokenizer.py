@@ -110,8 +110,9 @@ class Tokenizer:
         backend.pre_tokenizer = _byte_level_pre(str(meta.get("tokenizer.ggml.pre", "default")))
         backend.decoder = decoders.ByteLevel()
         # llama.cpp token types: 3 = control (special), 4 = user-defined (added, not special)
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+        kinds = list(zip(tokens, types, strict=True))
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == 3])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in kinds if k == 4])
 
         def token(key: str) -> str | None:
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -195,7 +196,9 @@ class Tokenizer:
 
     @cached_property
     def _template(self) -> jinja2.Template:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -68,7 +68,7 @@ class Transformer(nn.Module):
         self.emb_norm = Norm(cfg) if cfg.post_norm else None
         relative = cfg.pos == "relative"
 
-        self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)) if has_enc else None
+        self.encoder = nn.ModuleList(Block(cfg, onednn=True) for _ in range(cfg.n_layer)) if has_enc else None
         self.enc_norm = Norm(cfg) if has_enc and not cfg.post_norm else None
         self.enc_rel = nn.Embedding(cfg.rel_buckets, cfg.n_head) if has_enc and relative else None
 

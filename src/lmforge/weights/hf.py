@@ -196,9 +196,12 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     if kind == "t5":
         # tied exactly when there is no head of its own (transformers 5 does the same, whatever the config says)
         head = raw.get("lm_head.weight")
-        cfg.tie_embeddings = head is None or torch.equal(head, raw["shared.weight"])
+        cfg.tie_embeddings = head is None or ("shared.weight" in raw and torch.equal(head, raw["shared.weight"]))
         if cfg.tie_embeddings:
             raw.pop("lm_head.weight", None)
+    if kind == "bert":  # original Google BERT checkpoints name LayerNorm parameters gamma/beta
+        raw = {k.removesuffix(".gamma") + ".weight" if k.endswith(".gamma") else
+               k.removesuffix(".beta") + ".bias" if k.endswith(".beta") else k: v for k, v in raw.items()}
     if kind in ("gpt2",) and "lm_head.weight" in raw:
         raw.pop("lm_head.weight")  # tied copy saved by GPT2LMHeadModel
     if kind in ("llama", "mistral", "qwen2") and cfg.tie_embeddings:

