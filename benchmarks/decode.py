@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    console = Console()
+    console = Console(width=120)
 
     _, tokenizer = load(MODEL)
     ids = tokenizer.encode(TEXT * 40)[: args.prompt_tokens]
@@ -113,14 +113,14 @@ def main() -> None:
         rows.append(("llama.cpp (Q4_1)", "gguf", bench_llama_cpp(ids, args.new_tokens, args.runs)))
 
     base_prefill, base_decode = rows[0][2]  # type: ignore[misc]
-    table = Table(title=f"SmolLM2-135M on {torch.get_num_threads()} threads: {len(ids)}-token prompt, "
-                        f"{args.new_tokens} new tokens, median of {args.runs}")
-    for col in ("engine", "dtype", "prefill tok/s", "decode tok/s", "prefill vs transformers",
-                "decode vs transformers"):
+    title = (f"SmolLM2-135M on {torch.get_num_threads()} threads: {len(ids)}-token prompt, "
+             f"{args.new_tokens} new tokens, median of {args.runs}")
+    table = Table(title=title, caption="ratio = this engine / transformers, same run")
+    for col in ("engine", "dtype", "prefill tok/s", "decode tok/s", "prefill ratio", "decode ratio"):
         table.add_column(col, justify="left" if col in ("engine", "dtype") else "right")
     for engine, dtype, result in rows:
         if result is None:
-            table.add_row(engine, dtype, "skipped: llama-cpp-python not installed", "", "", "")
+            table.add_row(engine, dtype, "skipped", "(no llama-cpp-python)", "", "")
             continue
         prefill, decode = result
         table.add_row(engine, dtype, f"{prefill:,.0f}", f"{decode:,.1f}", f"{prefill / base_prefill:.2f}x",

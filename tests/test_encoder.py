@@ -182,7 +182,7 @@ def test_unsupported_sentence_transformers_pooling_is_refused(mlm, tmp_path):
 
 
 def test_onednn_fast_path_equals_plain_path_and_training_still_works(mlm, monkeypatch):
-    """Encoder blocks use oneDNN's fused matmul for inference; with autograd they fall back to nn.Linear."""
+    """fp32 inference uses oneDNN's fused matmul; with autograd it falls back to nn.Linear."""
     from lmforge.model import layers
 
     _, _, _, model, tok = mlm
@@ -194,7 +194,7 @@ def test_onednn_fast_path_equals_plain_path_and_training_still_works(mlm, monkey
         monkeypatch.undo()
     torch.testing.assert_close(fast, plain, atol=TOL, rtol=0)
 
-    # packed weights are rebuilt when a weight changes in place
+    # a weight changed in place is seen by the fast path at once (nothing is cached beside the module)
     fc = model.encoder[0].mlp.fc_in
     with torch.no_grad():
         fc.weight.mul_(0.5)

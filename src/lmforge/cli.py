@@ -32,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", "-m", default=DEFAULT_CHAT_MODEL, help="short name, GGUF file, HF folder or hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="inference precision (auto: bfloat16 where the CPU computes it natively)")
+                   help="inference precision (auto: float32 on CPU, where it decodes fastest; bfloat16 on GPU)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -21,41 +20,35 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-# oneDNN's fused matmul + bias (+ activation or residual add) ran 1.1-1.4x faster than the default MKL fp32
-# GEMM on every encoder shape we timed (benchmarks/embed.py). It has no autograd, so it serves inference only.
-_ONEDNN = torch.backends.mkldnn.is_available() and all(
-    hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")
-)
+# oneDNN's matmul (+ fused bias, activation or residual add) beat the default fp32 path on this project's CPUs
+# for both shapes that matter: matrix-vector products in decode (~1.4x: it streams the weights from memory
+# faster, benchmarks/decode.py) and whole-sequence encoder products (benchmarks/embed.py). It has no
+# autograd, so training and any wrapped Linear (LoRA, quantised) take the plain path.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _ONEDNN_ACTS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
-# weights reordered once into oneDNN's blocked layout (5-10% more, same results); held beside the module,
-# not in it, so state_dict/deepcopy never meet the opaque tensor, and rebuilt when the weight changes
-_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], Tensor]] = weakref.WeakKeyDictionary()
 
 
-def _packed_weight(layer: nn.Linear, rows: int) -> Tensor:
-    w = layer.weight
-    key = (w.data_ptr(), -1 if w.is_inference() else w._version)  # inference tensors keep no version
-    hit = _PACKED.get(layer)
-    if hit is None or hit[0] != key:
-        hit = (key, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows))
-        _PACKED[layer] = hit
-    return hit[1]
+def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
+    return (
+        _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
 
 
-def dense(
-    layer: nn.Module, x: Tensor, act: str | None = None, onednn: bool = False, residual: Tensor | None = None
-) -> Tensor:
-    """act(layer(x)) or layer(x) + residual; one oneDNN call when `onednn` allows it and it applies."""
-    if (
-        onednn and _ONEDNN and type(layer) is nn.Linear  # a LoRA or quantised wrapper keeps its own forward
-        and x.dtype == torch.float32 and x.device.type == "cpu" and layer.weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
-    ):
-        weight = _packed_weight(layer, x.shape[:-1].numel())
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, through oneDNN where that is faster (see above)."""
+    if _onednn_applies(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def dense(layer: nn.Module, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """act(layer(x)) or layer(x) + residual, fused into one oneDNN call when it applies."""
+    if type(layer) is nn.Linear and _onednn_applies(x, layer.weight):
         if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
         attr, algorithm = _ONEDNN_ACTS.get(act, ("none", "")) if act else ("none", "")
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, attr, [], algorithm)
+        y = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], algorithm)
         return ACTIVATIONS[act](y) if act and attr == "none" else y
     y = layer(x)
     if residual is not None:
@@ -111,7 +104,6 @@ class Attention(nn.Module):
             # one matmul for q, k and v: fewer kernel launches per decode step
             self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
-        self.onednn = False  # set on encoder blocks: see dense()
 
     def split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S, 2*kv_dim) -> k, v each (B, n_kv_head, S, hd)."""
@@ -132,12 +124,12 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         if self.cross:
-            q = dense(self.q, x, onednn=self.onednn).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            q = dense(self.q, x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             assert memory_kv is not None
             k, v = memory_kv
         else:
             q_dim = self.n_head * self.head_dim
-            qkv = dense(self.qkv, x, onednn=self.onednn)
+            qkv = dense(self.qkv, x)
             q = qkv[..., :q_dim].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             k, v = self.split_kv(qkv[..., q_dim:])
             if rope is not None:
@@ -151,7 +143,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.scale,
             enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, T, hd)
-        return dense(self.out, y.transpose(1, 2).reshape(B, T, -1), onednn=self.onednn, residual=residual)
+        return dense(self.out, y.transpose(1, 2).reshape(B, T, -1), residual=residual)
 
 
 class MLP(nn.Module):
@@ -162,18 +154,17 @@ class MLP(nn.Module):
         self.gated = cfg.gated_mlp
         self.act_name = cfg.act
         self.act = ACTIVATIONS[cfg.act]
-        self.onednn = False  # set on encoder blocks: see dense()
         # gated: gate and up projections fused into one matmul, gate first
         self.fc_in = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.mlp_bias)
         self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.gated:
-            gate, up = dense(self.fc_in, x, onednn=self.onednn).chunk(2, dim=-1)
+            gate, up = dense(self.fc_in, x).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = dense(self.fc_in, x, self.act_name, self.onednn)
-        return dense(self.fc_out, h, onednn=self.onednn, residual=residual)
+            h = dense(self.fc_in, x, self.act_name)
+        return dense(self.fc_out, h, residual=residual)
 
 
 class Block(nn.Module):
@@ -182,14 +173,12 @@ class Block(nn.Module):
     Pre-norm (GPT-2, Llama, T5) normalises each sublayer's input; post-norm (BERT) normalises the sum.
     """
 
-    def __init__(self, cfg: ModelConfig, cross: bool = False, onednn: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, cross: bool = False) -> None:
         super().__init__()
         self.post_norm = cfg.post_norm
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg)
         self.cross_norm, self.cross_attn = (Norm(cfg), Attention(cfg, cross=True)) if cross else (None, None)
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg)
-        # encoder blocks only: whole sequences at once, where oneDNN wins; decode keeps its tuned MKL GEMV path
-        self.attn.onednn = self.mlp.onednn = onednn
 
     def forward(
         self,

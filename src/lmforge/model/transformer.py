@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.cache import KVCache
-from lmforge.model.layers import ACTIVATIONS, Block, Norm, rope_tables
+from lmforge.model.layers import Block, Norm, dense, linear, rope_tables
 
 
 def relative_buckets(rel: Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> Tensor:
@@ -68,7 +68,7 @@ class Transformer(nn.Module):
         self.emb_norm = Norm(cfg) if cfg.post_norm else None
         relative = cfg.pos == "relative"
 
-        self.encoder = nn.ModuleList(Block(cfg, onednn=True) for _ in range(cfg.n_layer)) if has_enc else None
+        self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)) if has_enc else None
         self.enc_norm = Norm(cfg) if has_enc and not cfg.post_norm else None
         self.enc_rel = nn.Embedding(cfg.rel_buckets, cfg.n_head) if has_enc and relative else None
 
@@ -211,11 +211,11 @@ class Transformer(nn.Module):
         if self.cfg.logit_scale != 1.0:
             hidden = hidden * self.cfg.logit_scale
         weight = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
-        return F.linear(hidden, weight)  # (B, T, vocab)
+        return linear(hidden, weight)  # (B, T, vocab)
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
-        h = self.mlm_norm(ACTIVATIONS[self.cfg.act](self.mlm_dense(hidden)))
-        return F.linear(h, self.tok_emb.weight, self.mlm_bias)
+        h = self.mlm_norm(dense(self.mlm_dense, hidden, self.cfg.act))
+        return linear(h, self.tok_emb.weight, self.mlm_bias)
 
     def classify(self, hidden: Tensor) -> Tensor:
         return self.classifier(torch.tanh(self.pooler(hidden[:, 0])))  # (B, n_labels)

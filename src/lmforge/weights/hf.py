@@ -217,7 +217,7 @@ def save_hf_folder(cfg: ModelConfig, state: dict[str, Tensor], folder: Path) -> 
     if cfg.hf_model_type == "t5" and cfg.logit_scale == 1.0 and "lm_head.weight" not in state:
         # an unscaled T5 head is written out as its own tensor: every transformers version reads
         # tie_word_embeddings=false + lm_head.weight as "no scaling", but older ones read a tied config as scaled
-        state = {**state, "lm_head.weight": state["tok_emb.weight"]}
+        state = {**state, "lm_head.weight": state["tok_emb.weight"].clone()}  # safetensors refuses shared storage
     theirs = to_theirs(cfg, state, HF_RULES[cfg.hf_model_type], fix)
     save_file({k: v.contiguous() for k, v in theirs.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -44,23 +44,7 @@ def build(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype = torch
             raise LmforgeError(f"wrong shape for {name}: {tuple(tensor.shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     model.init_buffers()
-    if dtype == torch.float32:
-        column_major_weights(model)
     return model.eval().requires_grad_(False)
-
-
-def column_major_weights(model: nn.Module) -> None:
-    """Store each fp32 Linear weight (out, in) column-major, i.e. as a contiguous (in, out) matrix.
-
-    The math is unchanged, but MKL's fp32 matrix-vector product streams that layout from memory
-    1.3-2x faster on the CPUs we measured (benchmarks/decode.py), and decode is memory-bound.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
-    if getattr(model, "lm_head", True) is None:  # a tied head reads the embedding matrix the same way
-        emb = model.tok_emb
-        emb.weight = nn.Parameter(emb.weight.detach().t().contiguous().t(), requires_grad=False)
 
 
 def load(name: str | Path, dtype: str | torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
@@ -135,12 +119,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, folder: Path) -> None:
 
 
 def default_dtype() -> str:
-    """bfloat16 where the CPU has native bf16 math (it halves the bytes each decode step reads and was
-    faster in benchmarks/decode.py); float32 elsewhere, where bf16 is emulated and slow."""
-    if torch.cuda.is_available():
-        return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    """float32 on CPU: measured with benchmarks/decode.py on an AVX512-BF16 CPU, bf16 prefills faster but
+    decodes slower (its matrix-vector kernels do not reach the memory bandwidth fp32's do), and decode is
+    what a chat waits on. bfloat16 on a GPU."""
+    return "bfloat16" if torch.cuda.is_available() else "float32"
