@@ -116,3 +116,43 @@ def test_error_paths_are_one_line_with_exit_code_2(tmp_path: Path, smollm_path: 
     overflow = lmforge("generate", "hello " * 9000, "--max-new-tokens", "4")
     assert_one_line_error(overflow, "context overflow")
     assert lmforge("nonsense-command").returncode == 2
+
+
+def test_t5_generate_and_inspect_each_family(tmp_path: Path) -> None:
+    """`generate` is text-to-text for a T5 folder; `inspect` names every family."""
+    import torch
+    from test_t5 import make_hf, write_word_tokenizer
+
+    from lmforge.weights.load import load
+
+    folder = tmp_path / "t5"
+    make_hf("v1.1").save_pretrained(folder)
+    write_word_tokenizer(folder)
+    model, tokenizer = load(folder, torch.float32)
+    expected = generate(model, tokenizer, ["w5 w6 w7 w8"], SamplingParams(max_new_tokens=6, temperature=0))[0]
+    out = lmforge("generate", "w5 w6 w7 w8", "--model", str(folder), "--temperature", "0", "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n" and expected.strip()
+    assert "encoder-decoder (t5)" in lmforge("inspect", str(folder)).stdout
+    minilm = lmforge("inspect", "minilm-l6").stdout
+    assert "encoder (bert)" in minilm and "22,565,376" in minilm  # BERT minus the pooler it never uses
+
+
+def test_embed_and_text_commands(tmp_path: Path) -> None:
+    import numpy as np
+
+    from lmforge import embed
+
+    out = lmforge("embed", "A cat sits on the mat.", "Stocks fell sharply.", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    vectors = np.array(json.loads(out.stdout), dtype=np.float32)
+    np.testing.assert_allclose(vectors, embed(["A cat sits on the mat.", "Stocks fell sharply."]), atol=1e-5)
+    words = lmforge("text", "tokenize", "Working with natural language processing techniques is tricky.",
+                    "--format", "json")
+    assert json.loads(words.stdout) == ["Working", "with", "natural", "language", "processing", "techniques", "is",
+                                        "tricky", "."]
+    lemmas = lmforge("text", "lemmatize", "--format", "json", stdin="talking talked talk")
+    assert json.loads(lemmas.stdout) == ["talk", "talk", "talk"]
+    assert_one_line_error(lmforge("embed", "--file", str(tmp_path / "missing.txt")), "missing.txt")
+    assert_one_line_error(lmforge("embed", "hi", "--model", "smollm2-135m-instruct"), "decoder-only")
+    assert_one_line_error(lmforge("text", "stopwords", "hello", "--lang", "xx"), "xx")

@@ -91,7 +91,7 @@ def test_hf_export_loads_in_transformers(smollm, hf_smollm_tokenizer, prompts, t
         x = torch.tensor([ids])
         with torch.no_grad():
             exported = theirs(x).logits[0]
-        assert (exported - model(x)[0]).abs().max().item() <= 1e-4
+        assert (exported - model(x)[0]).abs().max().item() <= 1e-3  # the bound for the real weights
     texts = ["Hello world!", "def f(x):\n\treturn x  # 12345", "Café 東京 🤖", "<|im_start|>user\nhi<|im_end|>"]
     for text in texts:
         assert their_tok(text).input_ids == hf_smollm_tokenizer(text).input_ids == tok.encode(text)
