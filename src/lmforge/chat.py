@@ -25,6 +25,20 @@ def fit_history(
         messages = messages[:first] + messages[first + 2 :]  # one user + assistant exchange
 
 
+def _read_turn(stdin: TextIO, interactive: bool) -> str:
+    """One line of user input; "" at end of input. On a terminal, input() gives line editing and history."""
+    if not interactive:
+        return stdin.readline()
+    try:
+        import readline  # noqa: F401  (importing it is what turns on editing for input())
+    except ImportError:
+        pass
+    try:
+        return input("\n>>> ") + "\n"
+    except EOFError:
+        return ""
+
+
 def chat_session(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -43,10 +57,7 @@ def chat_session(
     budget = model.cfg.max_seq_len - min(params.max_new_tokens, model.cfg.max_seq_len // 2)
     while True:
         try:
-            if interactive:
-                stdout.write("\n>>> ")
-                stdout.flush()
-            line = stdin.readline()
+            line = _read_turn(stdin, interactive)
         except KeyboardInterrupt:
             return messages
         if not line:  # EOF
