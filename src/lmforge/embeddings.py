@@ -70,10 +70,12 @@ def embed(
     model: str | Path = DEFAULT_EMBED_MODEL,
     batch_size: int = 64,
     dtype: str | torch.dtype = "float32",
+    progress: bool = False,
 ) -> np.ndarray:
     """Texts -> (n, dim) float32 sentence embeddings, in input order.
 
     Texts longer than the model's limit are truncated, with one warning per call saying how many.
+    `progress` shows a progress bar on stderr (the CLI turns it on).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -98,12 +100,18 @@ def embed(
     # longest first, so each batch pads only to its own longest row and the largest batch is met first
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     import torch
+    from rich.console import Console
+    from rich.progress import Progress
 
     out = np.empty((len(ids), dim), dtype=np.float32)
-    with torch.inference_mode():  # not around load_encoder: cached weights must stay usable with autograd
+    bar = Progress(console=Console(stderr=True), transient=True, disable=not progress)
+    # not around load_encoder: cached weights must stay usable with autograd
+    with torch.inference_mode(), bar:
+        task = bar.add_task("embedding", total=len(order))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             out[rows] = _embed_batch(encoder, [ids[i] for i in rows], pad_id)
+            bar.advance(task, len(rows))
     return out
 
 
@@ -166,7 +174,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     texts = _read_texts(args)
     if args.batch_size < 1:
         raise LmforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
-    vectors = embed(texts, model=args.model, batch_size=args.batch_size, dtype=args.dtype)
+    vectors = embed(texts, model=args.model, batch_size=args.batch_size, dtype=args.dtype, progress=True)
     if args.format == "json":
         payload = (json.dumps(vectors.tolist()) + "\n").encode()
     else:
