@@ -195,3 +195,25 @@ def test_cli_errors(tmp_path, byte_tokenizer_writer):
     byte_tokenizer_writer(tmp_path / "decoder")
     with pytest.raises(LmforgeError, match="decoder-only"):
         run_embed("hello", "--model", str(tmp_path / "decoder"))
+
+
+def test_vocab_txt_only_folder_tokenizes_like_transformers(tmp_path):
+    """A BERT folder with vocab.txt but no tokenizer.json still gets the same WordPiece ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.weights.registry import resolve
+
+    src = resolve("minilm-l6")
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, tmp_path / name)
+    ours = Tokenizer.from_dir(tmp_path)
+    full = Tokenizer.from_dir(src)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["Hello, World!", "Tokenisation of CAFÉ naïve 東京", "don't   stop\tbelieving 12345", ""]
+    for text in texts:
+        assert ours.encode(text) == full.encode(text) == theirs(text).input_ids
+    assert ours.encode_batch(["a " * 400], max_length=256)[0] == theirs("a " * 400, truncation=True,
+                                                                       max_length=256).input_ids
