@@ -124,9 +124,9 @@ def generate_tokens(
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_new):
         next_ids = sample(model.lm_logits(hidden[:, -1]), history, params, generator)
-        out: list[int | None] = [None if d else int(t) for t, d in zip(next_ids.tolist(), done.tolist(), strict=False)]
-        done |= torch.tensor([t in eos for t in next_ids.tolist()])
-        yield [None if t in eos else t for t in out]
+        new = next_ids.tolist()
+        yield [None if ended or t in eos else t for t, ended in zip(new, done.tolist(), strict=True)]
+        done |= torch.tensor([t in eos for t in new])
         if bool(done.all()) or step == max_new - 1:
             return
         history = torch.cat([history, next_ids[:, None]], dim=1)
