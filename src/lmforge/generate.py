@@ -7,6 +7,7 @@ and carry their own positions, so batched output equals one-by-one output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,6 +30,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise LmforgeError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise LmforgeError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_new_tokens < 1:
             raise LmforgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -76,16 +82,19 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def fit_context(model: Transformer, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
-    """A prompt that does not fit the context is an error, or loses its oldest tokens if asked."""
+    """A prompt that does not fit the context is an error; with `truncate`, a decoder's prompt loses its
+    oldest tokens until it leaves room for max_new_tokens (an encoder input loses its end)."""
     ctx = model.cfg.max_seq_len
     if not prompt:
         raise LmforgeError("empty prompt: nothing to continue from")
-    budget = ctx if model.cfg.family == "encoder-decoder" else ctx - 1
-    if len(prompt) > budget:
-        if not truncate:
-            raise LmforgeError(f"context overflow: prompt has {len(prompt)} tokens, the model's context is {ctx}")
-        keep = max(1, budget - max_new_tokens) if model.cfg.family == "decoder" else budget
-        prompt = prompt[-keep:] if model.cfg.family == "decoder" else prompt[:keep]
+    if model.cfg.family == "encoder-decoder":
+        if len(prompt) > ctx and not truncate:
+            raise LmforgeError(f"context overflow: input has {len(prompt)} tokens, the model's limit is {ctx}")
+        return prompt[:ctx]
+    if truncate and len(prompt) + max_new_tokens > ctx:
+        return prompt[-max(1, ctx - max_new_tokens) :]
+    if len(prompt) >= ctx:
+        raise LmforgeError(f"context overflow: prompt has {len(prompt)} tokens, the model's context is {ctx}")
     return prompt
 
 
@@ -100,9 +109,13 @@ def generate_tokens(
     """Yield, per step, each row's new token id (None once that row has ended on EOS)."""
     params.validate()
     cfg = model.cfg
+    if cfg.family == "encoder":
+        raise LmforgeError(f"{cfg.name} is an encoder-only model: it embeds text (lmforge embed), it cannot generate")
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     prompts = [fit_context(model, p, params.max_new_tokens, truncate) for p in prompts]
     B = len(prompts)
+    # each row may generate until its own context is full, whatever the other rows' lengths
+    budget = torch.tensor([params.max_new_tokens] * B)
     tokens, mask = _left_pad(prompts, pad_id=cfg.pad_token_id or 0)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
@@ -115,20 +128,28 @@ def generate_tokens(
         hidden = model.decode(first, cache, memory=memory, memory_mask=mask)
         history = first
     else:
-        max_new = min(params.max_new_tokens, cfg.max_seq_len - tokens.shape[1])
+        budget = budget.clamp(max=cfg.max_seq_len - torch.tensor([len(p) for p in prompts]))
+        max_new = int(budget.max())
         cache = model.new_cache(B, tokens.shape[1] + max_new)
         hidden = model.decode(tokens, cache, attention_mask=mask if not bool(mask.all()) else None)
         # pads repeat the row's first token so the repetition penalty counts nothing extra
         history = torch.where(mask.bool(), tokens, tokens.gather(1, (1 - mask).sum(1, keepdim=True)))
 
-    done = torch.zeros(B, dtype=torch.bool)
+    alive = torch.arange(B)  # the prompt row of each batch row still generating
     for step in range(max_new):
         next_ids = sample(model.lm_logits(hidden[:, -1]), history, params, generator)
         new = next_ids.tolist()
-        yield [None if ended or t in eos else t for t, ended in zip(new, done.tolist(), strict=True)]
-        done |= torch.tensor([t in eos for t in new])
-        if bool(done.all()) or step == max_new - 1:
+        out: list[int | None] = [None] * B
+        for row, token in zip(alive.tolist(), new, strict=True):
+            out[row] = None if token in eos else token
+        yield out
+        ended = torch.tensor([t in eos for t in new]) | (budget[alive] <= step + 1)
+        if bool(ended.all()) or step == max_new - 1:
             return
+        if bool(ended.any()):  # finished rows leave the batch; the others are unaffected (own masks, positions)
+            keep = (~ended).nonzero().squeeze(1)
+            cache.select(keep)
+            alive, history, next_ids = alive[keep], history[keep], next_ids[keep]
         history = torch.cat([history, next_ids[:, None]], dim=1)
         hidden = model.decode(next_ids[:, None], cache)
 
@@ -216,6 +237,8 @@ def generate(
 ) -> list[str]:
     """Generate for a batch of prompts of any lengths at once; returns each completion's text."""
     params = params or SamplingParams()
+    if not prompts:
+        return []
     ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     texts = [TextStream(tokenizer, params.stop) for _ in ids]
     for step in generate_tokens(model, ids, params, truncate=truncate):

@@ -11,17 +11,19 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import Transformer
-from lmforge.weights.gguf import config_from_gguf, metadata, open_gguf
+from lmforge.weights.gguf import config_from_gguf, is_gguf, metadata, open_gguf
 from lmforge.weights.hf import config_from_hf
 from lmforge.weights.registry import resolve
 
-# bytes per parameter; int8 keeps one fp32 scale per output row, int4 one fp16 scale per 32 weights
+# bytes per parameter: int8 with per-row scales (negligible), int4 with one fp16 scale per 32 weights
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 32}
 
 
 def read_config(path: Path) -> tuple[ModelConfig, str]:
     """(config, storage description) from a GGUF header or an HF config.json."""
     if path.is_file():
+        if path.suffix != ".gguf" and not is_gguf(path):
+            raise LmforgeError(f"{path} is neither a GGUF file nor a model folder")
         reader = open_gguf(path)
         types = sorted({t.tensor_type.name for t in reader.tensors})
         return config_from_gguf(metadata(reader), path.stem), f"GGUF ({', '.join(types)})"

@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -39,7 +39,16 @@ def _byte_level_pre(kind: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([split, byte_level])
 
 
-def _raise(message: str) -> None:
+def _valid_utf8(text: str) -> str:
+    """Bytes that were not UTF-8 (kept by Python as lone surrogates) become U+FFFD, as a decoder would."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _raise(message: str) -> NoReturn:
     raise jinja2.TemplateError(message)
 
 
@@ -65,7 +74,10 @@ class Tokenizer:
     def from_dir(cls, folder: Path) -> Tokenizer:
         path = folder / "tokenizer.json"
         config_path = folder / "tokenizer_config.json"
-        config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.exists() else {}
+        try:
+            config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.exists() else {}
+        except (OSError, json.JSONDecodeError) as e:
+            raise LmforgeError(f"bad tokenizer_config.json in {folder}: {e}") from None
         try:
             if path.exists():
                 backend = HFTokenizer.from_file(str(path))
@@ -87,7 +99,7 @@ class Tokenizer:
         template = config.get("chat_template")
         if template is None and (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
-        if isinstance(template, list):  # named templates: take the default one
+        if isinstance(template, list) and template:  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
 
         def token(key: str) -> str | None:
@@ -164,7 +176,7 @@ class Tokenizer:
         return self.token_id(self.pad_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(_valid_utf8(text), add_special_tokens=add_special_tokens).ids
 
     def encode_batch(
         self, texts: list[str], max_length: int | None = None, add_special_tokens: bool = True
@@ -177,7 +189,7 @@ class Tokenizer:
     ) -> tuple[list[list[int]], list[bool]]:
         """encode_batch, also saying which texts lost tokens to max_length (special tokens count too)."""
         backend = self.backend if max_length is None else self._truncating(max_length)
-        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        encodings = backend.encode_batch([_valid_utf8(t) for t in texts], add_special_tokens=add_special_tokens)
         return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
     def _truncating(self, max_length: int) -> HFTokenizer:
@@ -222,5 +234,5 @@ class Tokenizer:
                 messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "", **kwargs,
             )
-        except jinja2.TemplateError as e:
+        except Exception as e:  # the template is the checkpoint's code: any failure is its error
             raise LmforgeError(f"chat template error: {e}") from None

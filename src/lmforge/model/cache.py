@@ -8,6 +8,11 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 
 
+def left_pad_counts(keep: Tensor) -> Tensor:
+    """(B, T) bool with True for real tokens, pads only at the left -> (B,) count of leading pads."""
+    return (~keep).long().cumprod(dim=1).sum(dim=1)
+
+
 class KVCache:
     """Keys/values of every self-attention layer for a batch of sequences that advance together.
 
@@ -41,10 +46,10 @@ class KVCache:
         if not bool(keep.all()):
             self.padded = True
             if self.length == 0:
-                self.pad = (~keep).long().cumprod(dim=1).sum(dim=1)
+                self.pad = left_pad_counts(keep)
 
     def select(self, rows: Tensor) -> None:
-        """Keep only these batch rows (finished sequences leave the batch)."""
+        """Keep only these batch rows: finished sequences leave the batch instead of costing compute."""
         self.kv = self.kv[:, :, rows]
         self.valid, self.pad = self.valid[rows], self.pad[rows]
         if self.memory is not None:

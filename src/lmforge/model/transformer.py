@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.model.cache import KVCache
+from lmforge.model.cache import KVCache, left_pad_counts
 from lmforge.model.layers import Block, Norm, dense, linear, rope_tables
 
 
@@ -163,7 +163,7 @@ class Transformer(nn.Module):
             pad = cache.pad if cache.padded else None
         else:
             valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
-            pad = (~valid).long().cumprod(dim=1).sum(dim=1) if valid is not None else None
+            pad = left_pad_counts(valid) if valid is not None else None
         positions = torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp(min=0)
@@ -171,7 +171,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens, positions)
         rope = None
         if self.cfg.pos == "rope":
-            if start + T > self.cfg.max_seq_len:
+            if int(positions[:, -1].max()) >= self.cfg.max_seq_len:
                 raise LmforgeError(f"sequence longer than the model's context ({self.cfg.max_seq_len} tokens)")
             rope = (self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype))
 

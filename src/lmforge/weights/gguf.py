@@ -23,6 +23,12 @@ SUPPORTED_TYPES = {
 }
 
 
+def is_gguf(path: Path) -> bool:
+    """By the file's magic bytes, not its name: a mistyped file gets a clear error instead of a parse failure."""
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def open_gguf(path: Path) -> GGUFReader:
     try:
         return GGUFReader(path)
@@ -37,6 +43,13 @@ def metadata(reader: GGUFReader) -> dict[str, Any]:
 
 
 def config_from_gguf(meta: dict[str, Any], name: str) -> ModelConfig:
+    try:
+        return _config_from_gguf(meta, name)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise LmforgeError(f"GGUF metadata of {name} is incomplete ({type(e).__name__}: {e})") from None
+
+
+def _config_from_gguf(meta: dict[str, Any], name: str) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise LmforgeError(f"GGUF architecture {arch!r} is not supported yet (supported: llama)")
@@ -55,7 +68,6 @@ def config_from_gguf(meta: dict[str, Any], name: str) -> ModelConfig:
         max_seq_len=int(get("context_length")), rope_base=float(get("rope.freq_base", 10000.0)),
         norm_eps=float(get("attention.layer_norm_rms_epsilon")), bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[int(eos)] if eos is not None else [], pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,17 @@ def _rope_base(hf: dict[str, Any]) -> float:
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise LmforgeError(f"config.json of {name} is not a JSON object")
     try:
         return _config_from_hf(hf, name)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise LmforgeError(f"config.json of {name} is incomplete or malformed ({type(e).__name__}: {e})") from None
 
 
 def _config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
     kind = hf.get("model_type")
-    common: dict[str, Any] = dict(name=name, hf_model_type=kind, vocab_size=hf.get("vocab_size"))
+    common: dict[str, Any] = dict(name=name, hf_model_type=kind, vocab_size=int(hf["vocab_size"]))
     if kind in ("llama", "mistral", "qwen2"):
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
         if sliding and sliding < hf["max_position_embeddings"]:
@@ -179,13 +182,15 @@ def read_safetensors(folder: Path) -> dict[str, Tensor]:
             return load_file(folder / "model.safetensors")
         if (folder / "pytorch_model.bin").exists():
             return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
         raise LmforgeError(f"corrupt weights in {folder}: {str(e).splitlines()[0]}") from None
     raise LmforgeError(f"no model.safetensors (or index) in {folder}")
 
 
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """An HF checkpoint folder -> (config, our state dict), tensors as stored."""
+    if not (folder / "config.json").exists():
+        raise LmforgeError(f"{folder} has no config.json: not an HF model folder")
     try:
         hf = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -13,7 +13,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.weights.gguf import load_gguf
+from lmforge.weights.gguf import is_gguf, load_gguf
 from lmforge.weights.hf import load_hf_folder, save_hf_folder
 from lmforge.weights.registry import resolve
 
@@ -52,7 +52,7 @@ def load(name: str | Path, dtype: str | torch.dtype = torch.float32) -> tuple[Tr
     path = resolve(str(name))
     dt = parse_dtype(dtype)
     if path.is_file():
-        if path.suffix != ".gguf" and path.read_bytes()[:4] != b"GGUF":
+        if path.suffix != ".gguf" and not is_gguf(path):
             raise LmforgeError(f"{path} is neither a GGUF file nor a model folder")
         cfg, state, meta = load_gguf(path)
         tokenizer = Tokenizer.from_gguf(meta)
@@ -112,14 +112,31 @@ def _apply_sentence_config(cfg: ModelConfig, folder: Path) -> None:
 
 
 def export_hf(model: Transformer, tokenizer: Tokenizer, folder: Path) -> None:
-    """Write config.json + model.safetensors + tokenizer files that transformers (and we) load."""
-    state = {k: v for k, v in model.state_dict().items()}
-    save_hf_folder(model.cfg, state, Path(folder))
-    tokenizer.save(Path(folder), model_max_length=model.cfg.max_seq_len)
+    """Write config.json + model.safetensors + tokenizer files that transformers (and we) load; an
+    embedding model also gets the sentence-transformers files that say how it pools and truncates."""
+    folder = Path(folder)
+    save_hf_folder(model.cfg, dict(model.state_dict()), folder)
+    tokenizer.save(folder, model_max_length=model.cfg.max_seq_len)
+    if model.cfg.family == "encoder" and model.cfg.pooling != "none":
+        _write_sentence_config(model.cfg, folder)
+
+
+def _write_sentence_config(cfg: ModelConfig, folder: Path) -> None:
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if cfg.normalize_embeddings:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": cfg.d_model, "pooling_mode_cls_token": cfg.pooling == "cls",
+               "pooling_mode_mean_tokens": cfg.pooling == "mean"}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    limit = cfg.truncate_len or cfg.max_seq_len
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": limit}) + "\n")
 
 
 def default_dtype() -> str:
-    """float32 on CPU: measured with benchmarks/decode.py on an AVX512-BF16 CPU, bf16 prefills faster but
-    decodes slower (its matrix-vector kernels do not reach the memory bandwidth fp32's do), and decode is
-    what a chat waits on. bfloat16 on a GPU."""
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    """float32: measured with benchmarks/decode.py on an AVX512-BF16 CPU, bf16 prefills faster but decodes
+    slower (its matrix-vector kernels do not reach the memory bandwidth fp32's do), and decode is what a
+    chat waits on. Models run on the CPU for now; a device-aware default comes with GPU support."""
+    return "float32"

@@ -46,6 +46,8 @@ def _from_hub(hub_id: str) -> Path:
 
 def resolve(name: str) -> Path:
     """A model argument -> a local GGUF file or HF folder."""
+    if not name.strip():
+        raise LmforgeError(f"empty model name (known: {', '.join(REGISTRY)})")
     path = Path(name).expanduser()
     if path.exists():
         return path
