@@ -7,7 +7,7 @@ __all__ = ["ModelConfig", "LmforgeError", "load", "embed", "generate", "stream"]
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # heavy imports (torch) only when used
+def __getattr__(name: str) -> object:  # heavy imports (torch) only when used
     if name == "load":
         from lmforge.weights.load import load
 

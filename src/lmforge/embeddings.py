@@ -30,11 +30,12 @@ __all__ = ["embed", "load_encoder", "add_embed_command"]
 
 def _not_a_decoder(model: str) -> None:
     """Refuse a decoder-only model from its config alone, before its weights are read."""
+    from lmforge.weights.gguf import is_gguf
     from lmforge.weights.hf import config_from_hf
     from lmforge.weights.registry import resolve
 
     path = resolve(model)
-    family = "decoder" if path.is_file() else None  # GGUF files hold decoders only
+    family = "decoder" if path.is_file() and is_gguf(path) else None  # GGUF files hold decoders only
     if path.is_dir() and (path / "config.json").exists():
         try:
             family = config_from_hf(json.loads((path / "config.json").read_text())).family

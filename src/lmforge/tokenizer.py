@@ -67,6 +67,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         self.extra_config = extra_config or {}
+        self._truncating_backends: dict[int, HFTokenizer] = {}  # max_length -> a copy with truncation on
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -194,7 +195,7 @@ class Tokenizer:
 
     def _truncating(self, max_length: int) -> HFTokenizer:
         # a copy with truncation on, kept: rebuilding it per call costs more than encoding a batch
-        cache: dict[int, HFTokenizer] = self.__dict__.setdefault("_truncating_backends", {})
+        cache = self._truncating_backends
         if max_length not in cache:
             backend = HFTokenizer.from_str(self.backend.to_str())
             backend.enable_truncation(max_length)
