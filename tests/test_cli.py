@@ -36,7 +36,7 @@ def test_generate_greedy_prints_only_the_completion(smollm) -> None:
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     expected = generate(model, tokenizer, ["The capital of France is"], greedy)
     out = lmforge("generate", "The capital of France is", "--temperature", "0", "--max-new-tokens", "12",
-                  "--dtype", "float32")
+                  "--repetition-penalty", "1", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected[0] + "\n"
     assert "Paris" in out.stdout
@@ -48,7 +48,7 @@ def test_generate_chat_with_stop_string(smollm) -> None:
     full = generate(model, tokenizer, [ids], SamplingParams(max_new_tokens=40, temperature=0))[0]
     assert "\n" in full.strip()
     out = lmforge("generate", "List three colours, one per line.", "--chat", "--temperature", "0",
-                  "--max-new-tokens", "40", "--stop", "\n", "--dtype", "float32")
+                  "--max-new-tokens", "40", "--stop", "\n", "--repetition-penalty", "1", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
     assert out.stdout == full[: full.index("\n")] + "\n"
 
@@ -130,7 +130,8 @@ def test_t5_generate_and_inspect_each_family(tmp_path: Path) -> None:
     write_word_tokenizer(folder)
     model, tokenizer = load(folder, torch.float32)
     expected = generate(model, tokenizer, ["w5 w6 w7 w8"], SamplingParams(max_new_tokens=6, temperature=0))[0]
-    out = lmforge("generate", "w5 w6 w7 w8", "--model", str(folder), "--temperature", "0", "--max-new-tokens", "6")
+    out = lmforge("generate", "w5 w6 w7 w8", "--model", str(folder), "--temperature", "0", "--max-new-tokens", "6",
+                  "--repetition-penalty", "1")
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n" and expected.strip()
     assert "encoder-decoder (t5)" in lmforge("inspect", str(folder)).stdout

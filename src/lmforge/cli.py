@@ -41,10 +41,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
-    p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
+    # a low default temperature: the small default model derails at 0.7. No default repetition penalty:
+    # it also penalises the conversation's own words and broke follow-up answers ("And of Italy?")
+    p.add_argument("--temperature", "-t", type=float, default=0.3, help="0 = greedy (default 0.3)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (try 1.1 against loops)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
