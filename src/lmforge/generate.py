@@ -113,6 +113,8 @@ def generate_tokens(
         raise LmforgeError(f"{cfg.name} is an encoder-only model: it embeds text (lmforge embed), it cannot generate")
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     prompts = [fit_context(model, p, params.max_new_tokens, truncate) for p in prompts]
+    if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
+        raise LmforgeError(f"prompt holds token ids outside the model's vocabulary (0..{cfg.vocab_size - 1})")
     B = len(prompts)
     # each row may generate until its own context is full, whatever the other rows' lengths
     budget = torch.tensor([params.max_new_tokens] * B)
