@@ -173,7 +173,7 @@ class Transformer(nn.Module):
         if self.cfg.pos == "rope":
             if int(positions[:, -1].max()) >= self.cfg.max_seq_len:
                 raise LmforgeError(f"sequence longer than the model's context ({self.cfg.max_seq_len} tokens)")
-            rope = (self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype))
+            rope = (self.rope_cos[positions][:, :, None].to(x.dtype), self.rope_sin[positions][:, :, None].to(x.dtype))
 
         relative = self.dec_rel is not None
         keep, is_causal = self_attention_mask(T, start, valid, force=relative)
