@@ -13,6 +13,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 
 from lmforge.embeddings import embed
 from lmforge.errors import LmforgeError
+from lmforge.model.cache import pad_batch
 from lmforge.weights.load import export_hf, load
 
 TOL = 1e-4
@@ -69,13 +70,7 @@ def mlm(tmp_path_factory):
 
 def batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, as a BERT expects them."""
-    ids = tok.encode_batch(texts)
-    longest = max(map(len, ids))
-    tokens = torch.zeros(len(ids), longest, dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for i, row in enumerate(ids):
-        tokens[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    return tokens, mask
+    return pad_batch(tok.encode_batch(texts), pad_id=0)
 
 
 def head(kind: str, model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

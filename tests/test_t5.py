@@ -13,6 +13,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from lmforge.generate import SamplingParams, generate_tokens
+from lmforge.model.cache import pad_batch
 from lmforge.weights.load import export_hf, load
 
 V = 96
@@ -68,12 +69,7 @@ def pair(request, tmp_path_factory):
 
 
 def right_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(map(len, rows))
-    tokens = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    return tokens, mask
+    return pad_batch(rows, pad_id=0)
 
 
 def decoder_inputs(batch: int, length: int = 9) -> torch.Tensor:

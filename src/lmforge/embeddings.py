@@ -117,16 +117,10 @@ def embed(
 
 
 def _embed_batch(encoder: Transformer, batch: list[list[int]], pad_id: int) -> np.ndarray:
-    import torch
+    from lmforge.model.cache import pad_batch
 
-    longest = max(len(r) for r in batch)
-    tokens = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, r in enumerate(batch):
-        tokens[row, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[row, : len(r)] = 1
-    hidden = encoder.encode(tokens, mask)
-    return encoder.pool(hidden, mask).float().numpy()
+    tokens, mask = pad_batch(batch, pad_id)
+    return encoder.pool(encoder.encode(tokens, mask), mask).float().numpy()
 
 
 # ---- command line ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
+from lmforge.model.cache import pad_batch
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -71,16 +72,6 @@ def sample(logits: Tensor, history: Tensor, p: SamplingParams, generator: torch.
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    longest = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        tokens[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        mask[row, longest - len(ids) :] = 1
-    return tokens, mask
-
-
 def fit_context(model: Transformer, prompt: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
     """A prompt that does not fit the context is an error; with `truncate`, a decoder's prompt loses its
     oldest tokens until it leaves room for max_new_tokens (an encoder input loses its end)."""
@@ -118,7 +109,7 @@ def generate_tokens(
     B = len(prompts)
     # each row may generate until its own context is full, whatever the other rows' lengths
     budget = torch.tensor([params.max_new_tokens] * B)
-    tokens, mask = _left_pad(prompts, pad_id=cfg.pad_token_id or 0)
+    tokens, mask = pad_batch(prompts, pad_id=cfg.pad_token_id or 0, left=True)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     if cfg.family == "encoder-decoder":

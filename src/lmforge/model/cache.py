@@ -8,6 +8,18 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 
 
+def pad_batch(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Token lists -> (tokens, attention mask), each (B, longest). Decoders take left padding (every row
+    ends at the last slot), encoders right padding (every row starts at position 0)."""
+    longest = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(longest - len(row), longest) if left else slice(0, len(row))
+        tokens[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
+    return tokens, mask
+
+
 def left_pad_counts(keep: Tensor) -> Tensor:
     """(B, T) bool with True for real tokens, pads only at the left -> (B,) count of leading pads."""
     return (~keep).long().cumprod(dim=1).sum(dim=1)
