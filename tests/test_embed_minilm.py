@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.embeddings import add_embed_command, embed, load_encoder
+from lmforge.embed_cli import add_embed_command
+from lmforge.embeddings import embed, load_encoder
 from lmforge.errors import LmforgeError
 from lmforge.weights.registry import resolve
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig
 
+from lmforge.data.collate import pad_batch
 from lmforge.embeddings import embed
 from lmforge.errors import LmforgeError
-from lmforge.model.cache import pad_batch
 from lmforge.weights.load import export_hf, load
 
 TOL = 1e-4
@@ -74,8 +74,7 @@ def batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def head(kind: str, model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    hidden = model.encode(tokens, mask)
-    return model.mlm_logits(hidden) if kind == "mlm" else model.classify(hidden)
+    return model(tokens, attention_mask=mask, head="mlm" if kind == "mlm" else "classify")
 
 
 def hf_head(hf, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -109,7 +108,7 @@ def test_padded_batch_equals_one_by_one(pair):
     kind, _, _, model, tok = pair
     tokens, mask = batch(tok, TEXTS)
     batched = head(kind, model, tokens, mask)
-    hidden = model.encode(tokens, mask)
+    hidden = model.encoder_forward(tokens, mask)
     for i, text in enumerate(TEXTS):
         one_tokens, one_mask = batch(tok, [text])
         n = one_tokens.shape[1]
@@ -118,7 +117,7 @@ def test_padded_batch_equals_one_by_one(pair):
             torch.testing.assert_close(batched[i, :n], one[0], atol=TOL, rtol=0)
         else:
             torch.testing.assert_close(batched[i], one[0], atol=TOL, rtol=0)
-        torch.testing.assert_close(hidden[i, :n], model.encode(one_tokens, one_mask)[0], atol=TOL, rtol=0)
+        torch.testing.assert_close(hidden[i, :n], model.encoder_forward(one_tokens, one_mask)[0], atol=TOL, rtol=0)
 
 
 def test_export_round_trip(pair, tmp_path):
@@ -176,34 +175,40 @@ def test_unsupported_sentence_transformers_pooling_is_refused(mlm, tmp_path):
         load(tmp_path)
 
 
-def test_onednn_fast_path_equals_plain_path_and_training_still_works(mlm, monkeypatch):
-    """fp32 inference uses oneDNN's fused matmul; with autograd it falls back to nn.Linear."""
-    from lmforge.model import layers
+def test_onednn_fast_path_equals_plain_path_and_training_still_works(mlm):
+    """Loading for inference swaps in oneDNN Linears (heads included); they equal plain nn.Linear, see a weight
+    changed in place at once, and fall back to autograd-able F.linear when gradients are wanted."""
+    import copy
+
+    from torch import nn
+
+    from lmforge.model.fast import OneDNNLinear, plain_linears
 
     _, _, _, model, tok = mlm
+    assert isinstance(model.mlm_head, OneDNNLinear) and model.mlm_head.weight is model.tok_emb.weight
+    plain = copy.deepcopy(model)
+    assert plain_linears(plain) > 0
+    assert not any(isinstance(m, OneDNNLinear) for m in plain.modules())
+    assert isinstance(plain.mlm_head, nn.Linear) and plain.mlm_head.weight is plain.tok_emb.weight
     tokens, mask = batch(tok, TEXTS)
     with torch.no_grad():
-        fast = model.mlm_logits(model.encode(tokens, mask))
-        monkeypatch.setattr(layers, "_ONEDNN", False)
-        plain = model.mlm_logits(model.encode(tokens, mask))
-        monkeypatch.undo()
-    torch.testing.assert_close(fast, plain, atol=TOL, rtol=0)
+        fast = model(tokens, attention_mask=mask, head="mlm")
+        torch.testing.assert_close(fast, plain(tokens, attention_mask=mask, head="mlm"), atol=TOL, rtol=0)
 
     # a weight changed in place is seen by the fast path at once (nothing is cached beside the module)
     fc = model.encoder[0].mlp.fc_in
     with torch.no_grad():
         fc.weight.mul_(0.5)
-        changed = model.mlm_logits(model.encode(tokens, mask))
-        monkeypatch.setattr(layers, "_ONEDNN", False)
-        expected = model.mlm_logits(model.encode(tokens, mask))
-        monkeypatch.undo()
+        plain.encoder[0].mlp.fc_in.weight.mul_(0.5)
+        changed = model(tokens, attention_mask=mask, head="mlm")
+        expected = plain(tokens, attention_mask=mask, head="mlm")
         fc.weight.mul_(2.0)
     torch.testing.assert_close(changed, expected, atol=TOL, rtol=0)
     assert (changed - fast).abs().max() > 1e-3
 
     fc.weight.requires_grad_(True)
     try:
-        model.mlm_logits(model.encode(tokens, mask)).sum().backward()
+        model(tokens, attention_mask=mask, head="mlm").sum().backward()
         assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
     finally:
         fc.weight.requires_grad_(False)
@@ -230,5 +235,5 @@ def test_pretraining_checkpoint_with_gamma_beta_names(tmp_path):
     tokens, mask = batch(tok, TEXTS)
     with torch.no_grad():
         ref = hf(input_ids=tokens, attention_mask=mask).prediction_logits
-    ours = model.mlm_logits(model.encode(tokens, mask))
+    ours = model(tokens, attention_mask=mask, head="mlm")
     assert (ours - ref)[mask.bool()].abs().max().item() <= TOL

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import engine_tokens, manual_greedy
 
 from lmforge.config import ModelConfig
+from lmforge.engine import Engine
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingParams, TextStream, generate, generate_tokens, sample, stream
+from lmforge.generate import SamplingParams, TextStream, complete, generate, sample, stream
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -29,18 +31,9 @@ def byte_tok(tmp_path_factory, byte_tokenizer_writer) -> Tokenizer:
     return Tokenizer.from_dir(folder)
 
 
-def run(model, prompts, eos_ids=(), **kw) -> list[list[int | None]]:
-    """Per row, the tokens generated (None after EOS)."""
-    steps = list(generate_tokens(model, prompts, SamplingParams(**kw), eos_ids=list(eos_ids)))
-    return [[s[i] for s in steps] for i in range(len(prompts))]
-
-
-def manual_greedy(model, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt) :]
+def run(model, prompts, eos_ids=(), **kw) -> list[list[int]]:
+    """Per row, the tokens generated (up to, not including, EOS)."""
+    return engine_tokens(model, prompts, eos_ids=list(eos_ids), **kw)
 
 
 # ---- decoding strategies on the tiny model ---------------------------------------------------
@@ -132,14 +125,17 @@ def test_eos_ends_generation(tiny):
     k = next(i for i in range(1, len(full)) if full[i] not in full[:i])
     eos = full[k]
     (ended,) = run(tiny, [PROMPT], eos_ids=[eos], max_new_tokens=30, temperature=0)
-    assert ended == full[:k] + [None]
+    assert ended == full[:k]
     # the config's EOS ids are the default
     tiny.cfg.eos_token_ids, saved = [eos], tiny.cfg.eos_token_ids
     try:
-        steps = list(generate_tokens(tiny, [PROMPT], SamplingParams(max_new_tokens=30, temperature=0)))
+        (done,) = complete(tiny, None, [PROMPT], SamplingParams(max_new_tokens=30, temperature=0))
+        (ignored,) = complete(tiny, None, [PROMPT], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True))
     finally:
         tiny.cfg.eos_token_ids = saved
-    assert [s[0] for s in steps] == full[:k] + [None]
+    assert [o.token for o in done.tokens] == full[:k] and done.finish_reason == "eos"
+    assert done.usage.completion_tokens == k and done.usage.prompt_tokens == len(PROMPT)
+    assert [o.token for o in ignored.tokens] == full and ignored.finish_reason == "length"
 
 
 def test_eos_in_a_batch_ends_only_that_row(tiny):
@@ -147,7 +143,7 @@ def test_eos_in_a_batch_ends_only_that_row(tiny):
     full = run(tiny, [PROMPT, other], max_new_tokens=20, temperature=0)
     k = next(i for i in range(1, 20) if full[0][i] not in full[0][:i] and full[0][i] not in full[1])
     rows = run(tiny, [PROMPT, other], eos_ids=[full[0][k]], max_new_tokens=20, temperature=0)
-    assert rows[0] == full[0][:k] + [None] * (20 - k)
+    assert rows[0] == full[0][:k]
     assert rows[1] == full[1]
 
 
@@ -169,20 +165,18 @@ def test_context_overflow(tiny):
     ctx = tiny.cfg.max_seq_len
     long_prompt = [(i * 7) % 250 + 3 for i in range(ctx + 50)]
     with pytest.raises(LmforgeError, match="context"):
-        list(generate_tokens(tiny, [long_prompt], SamplingParams(max_new_tokens=10, temperature=0)))
+        run(tiny, [long_prompt], max_new_tokens=10, temperature=0)
     with pytest.raises(LmforgeError, match="context"):
-        list(generate_tokens(tiny, [long_prompt[:ctx]], SamplingParams(max_new_tokens=10, temperature=0)))
+        run(tiny, [long_prompt[:ctx]], max_new_tokens=10, temperature=0)
     assert len(run(tiny, [long_prompt[: ctx - 1]], max_new_tokens=10, temperature=0)[0]) == 1
-    steps = list(generate_tokens(tiny, [long_prompt], SamplingParams(max_new_tokens=10, temperature=0), eos_ids=[],
-                                 truncate=True))
+    steps = run(tiny, [long_prompt], max_new_tokens=10, temperature=0, truncate=True)[0]
     assert len(steps) == 10
     # truncation keeps the newest tokens, leaving room for the whole answer
     kept = long_prompt[-(ctx - 10) :]
-    assert [s[0] for s in steps] == run(tiny, [kept], max_new_tokens=10, temperature=0)[0]
+    assert steps == run(tiny, [kept], max_new_tokens=10, temperature=0)[0]
     # a prompt that fits but leaves too little room is cut too when truncation is asked for
     almost = long_prompt[: ctx - 5]
-    params = SamplingParams(max_new_tokens=10, temperature=0)
-    cut = [s[0] for s in generate_tokens(tiny, [almost], params, eos_ids=[], truncate=True)]
+    cut = run(tiny, [almost], max_new_tokens=10, temperature=0, truncate=True)[0]
     assert cut == run(tiny, [almost[-(ctx - 10) :]], max_new_tokens=10, temperature=0)[0] and len(cut) == 10
     with pytest.raises(LmforgeError, match="context"):
         tiny(torch.tensor([long_prompt]))
@@ -197,12 +191,12 @@ def test_context_overflow(tiny):
 )
 def test_bad_params(tiny, bad):
     with pytest.raises(LmforgeError):
-        list(generate_tokens(tiny, [PROMPT], SamplingParams(**bad)))
+        Engine(tiny).add(PROMPT, SamplingParams(**bad))
 
 
 def test_empty_prompt(tiny):
     with pytest.raises(LmforgeError, match="empty"):
-        list(generate_tokens(tiny, [[]], SamplingParams(max_new_tokens=3)))
+        Engine(tiny).add([], SamplingParams(max_new_tokens=3))
 
 
 def test_text_api_on_tiny_model(tiny, byte_tok):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import engine_tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge.generate import SamplingParams, generate, generate_tokens
+from lmforge.generate import SamplingParams, generate
 from lmforge.weights.load import export_hf, load
 
 pytestmark = pytest.mark.slow
@@ -64,12 +65,10 @@ def test_logits_match_transformers(smollm, hf_smollm, prompts):
 
 def test_greedy_matches_transformers(smollm, hf_smollm, prompts):
     model, tok = smollm
-    steps = list(generate_tokens(model, prompts, SamplingParams(max_new_tokens=48, temperature=0), eos_ids=[]))
-    assert len(steps) == 48
-    for i, ids in enumerate(prompts):
-        ours = [s[i] for s in steps]
+    rows = engine_tokens(model, prompts, eos_ids=[], max_new_tokens=48, temperature=0)
+    for ours, ids in zip(rows, prompts, strict=True):
         assert ours == hf_greedy(hf_smollm, ids, 48)
-    first = tok.decode([s[0] for s in steps])
+    first = tok.decode(rows[0])
     assert "Paris" in first
 
 
@@ -112,7 +111,7 @@ def test_hf_export_loads_in_transformers(smollm, hf_smollm_tokenizer, prompts, t
 def test_bf16_load_and_generate(smollm_path):
     model, tok = load(smollm_path, "bf16")
     assert model.tok_emb.weight.dtype == torch.bfloat16
-    assert model.lm_logits(model.decode(torch.tensor([[1, 2, 3]]))).dtype == torch.bfloat16
+    assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
     (text,) = generate(model, tok, ["The capital of France is"], SamplingParams(max_new_tokens=8, temperature=0))
     assert "Paris" in text
     ids = tok.encode(tok.apply_chat_template(CHATS[0]), add_special_tokens=False)

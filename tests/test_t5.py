@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import engine_tokens
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
-from lmforge.generate import SamplingParams, generate_tokens
-from lmforge.model.cache import pad_batch
+from lmforge.data.collate import pad_batch
 from lmforge.weights.load import export_hf, load
 
 V = 96
@@ -100,7 +100,7 @@ def test_logits_match_transformers(pair):
     _, hf, model, _ = pair
     tokens, mask = right_pad(PROMPTS)
     dec = decoder_inputs(len(PROMPTS))
-    ours = model(tokens, mask, decoder_tokens=dec)
+    ours = model(tokens, attention_mask=mask, decoder_tokens=dec)
     ref = hf_logits(hf, tokens, mask, dec)
     assert ref.std() > 0.5  # not a degenerate model
     assert (ours - ref).abs().max().item() <= TOL
@@ -110,31 +110,36 @@ def test_padded_encoder_batch_equals_one_by_one(pair):
     _, _, model, _ = pair
     tokens, mask = right_pad(PROMPTS)
     dec = decoder_inputs(len(PROMPTS))
-    batched = model(tokens, mask, decoder_tokens=dec)
-    memory = model.encode(tokens, mask)
+    batched = model(tokens, attention_mask=mask, decoder_tokens=dec)
+    memory = model.encoder_forward(tokens, mask)
     for i, prompt in enumerate(PROMPTS):
         one_tokens = torch.tensor([prompt])
         torch.testing.assert_close(batched[i], model(one_tokens, decoder_tokens=dec[i : i + 1])[0], atol=TOL, rtol=0)
-        torch.testing.assert_close(memory[i, : len(prompt)], model.encode(one_tokens)[0], atol=TOL, rtol=0)
+        torch.testing.assert_close(memory[i, : len(prompt)], model.encoder_forward(one_tokens)[0], atol=TOL, rtol=0)
 
 
 def test_decoder_cache_matches_full_forward(pair):
     _, _, model, _ = pair
     tokens, mask = right_pad(PROMPTS)
     dec = decoder_inputs(len(PROMPTS))
-    full = model(tokens, mask, decoder_tokens=dec)
-    memory = model.encode(tokens, mask)
-    cache = model.new_cache(len(PROMPTS), dec.shape[1])
-    steps = [model.lm_logits(model.decode(dec[:, :4], cache, memory=memory, memory_mask=mask))]
-    for t in range(4, dec.shape[1]):
-        steps.append(model.lm_logits(model.decode(dec[:, t : t + 1], cache)))
+    full = model(tokens, attention_mask=mask, decoder_tokens=dec)
+    memory = model.encoder_forward(tokens, mask)
+    B, T = dec.shape
+    cache = model.new_cache(B, T)
+    positions = torch.arange(4).expand(B, 4)
+    hidden = model.decoder_forward(dec[:, :4], positions, cache.step(0, positions, kv_len=4, start=0), memory=memory,
+                                   memory_mask=mask)  # the encoder keys/values go into the cache here
+    steps = [model.lm_logits(hidden)]
+    for t in range(4, T):
+        positions = torch.full((B, 1), t)
+        steps.append(model(None, positions, cache.step(0, positions, kv_len=t + 1), decoder_tokens=dec[:, t : t + 1]))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=0)
 
 
 def ours_greedy(model, prompts: list[list[int]], n: int = 20) -> list[list[int]]:
-    steps = list(generate_tokens(model, prompts, SamplingParams(max_new_tokens=n, temperature=0), eos_ids=[]))
-    assert len(steps) == n
-    return [list(row) for row in zip(*steps, strict=True)]
+    rows = engine_tokens(model, prompts, eos_ids=[], max_new_tokens=n, temperature=0)
+    assert all(len(r) == n for r in rows)
+    return rows
 
 
 def test_greedy_generation_matches_transformers(pair):
@@ -162,7 +167,8 @@ def test_export_round_trip(pair, tmp_path):
     ours2, tok2 = load(tmp_path)
     assert ours2.cfg.logit_scale == model.cfg.logit_scale
     assert tok2.encode("w5 w6") == tok.encode("w5 w6")
-    torch.testing.assert_close(ours2(tokens, mask, decoder_tokens=dec), model(tokens, mask, decoder_tokens=dec))
+    again = ours2(tokens, attention_mask=mask, decoder_tokens=dec)
+    torch.testing.assert_close(again, model(tokens, attention_mask=mask, decoder_tokens=dec))
 
 
 def test_unscaled_tied_head_exports_portably(tmp_path):
@@ -188,7 +194,7 @@ def test_unscaled_tied_head_exports_portably(tmp_path):
     dec = decoder_inputs(len(PROMPTS))
     ref = hf_logits(hf, tokens, mask, dec)
     assert (hf_logits(hf2, tokens, mask, dec) - ref).abs().max().item() <= TOL
-    assert (model(tokens, mask, decoder_tokens=dec) - ref).abs().max().item() <= TOL
+    assert (model(tokens, attention_mask=mask, decoder_tokens=dec) - ref).abs().max().item() <= TOL
 
 
 def test_embed_uses_the_encoder_like_sentence_transformers(tmp_path):

@@ -343,9 +343,11 @@ NO_EMBEDDINGS = importlib.util.find_spec("lmforge.embeddings") is None
 
 @pytest.mark.skipif(NO_EMBEDDINGS, reason="lmforge.embeddings not written yet")
 def test_embeddings_rank_the_paraphrase_higher_than_bag_of_words_does() -> None:
+    from lmforge import embed
+
     texts = [*PARAPHRASE, *OVERLAP]
     bow = document_similarity(texts, "bow")
-    embedding = document_similarity(texts, "embedding")
+    embedding = document_similarity(texts, "embedding", embed_fn=embed)
     assert bow[0, 1] < bow[2, 3]
     assert embedding[0, 1] > embedding[2, 3]
     assert np.allclose(np.diag(embedding), 1.0, atol=1e-4)

@@ -10,7 +10,7 @@ from lmforge.generate import SamplingParams, stream
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 
-HELP = "commands: /reset clears the conversation, /exit quits; Ctrl-C stops an answer"
+HELP = "commands: /help shows this, /reset clears the conversation, /exit quits; Ctrl-C stops an answer"
 
 
 def fit_history(
@@ -58,9 +58,15 @@ def chat_session(
     while True:
         try:
             line = _read_turn(stdin, interactive)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: end the prompt's line so the shell's starts its own
+            out = stdout if interactive else sys.stderr  # never an extra line in piped output
+            out.write("\n")
+            out.flush()
             return messages
-        if not line:  # EOF
+        if not line:  # EOF (Ctrl-D at the prompt: end its line too)
+            if interactive:
+                stdout.write("\n")
+                stdout.flush()
             return messages
         text = line.strip()
         if not text:
@@ -71,11 +77,18 @@ def chat_session(
             messages = list(start)
             print("(conversation cleared)", file=sys.stderr)
             continue
+        if text in ("/help", "/?"):
+            print(HELP, file=sys.stderr)
+            continue
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
+        before = len(messages)
         ids, messages = fit_history(tokenizer, messages, budget)
+        if len(messages) < before:
+            dropped = (before - len(messages)) // 2  # one turn = a question and its answer
+            print(f"(dropped {dropped} earliest turn{'s' if dropped != 1 else ''} to fit the context)", file=sys.stderr)
         answer = ""
         try:
             for delta in stream(model, tokenizer, ids, params, truncate=True):

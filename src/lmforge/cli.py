@@ -21,14 +21,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(value: str) -> int:
+INT_MAX = 2**31 - 1  # counts (tokens, top-k) beyond this are typos, and overflow tensors later
+
+
+def _int_in(value: str, lo: int, hi: int) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value[:40]!r}") from None
+    if not lo <= n <= hi:
+        shown = str(n) if len(str(n)) <= 24 else f"{str(n)[:12]}... ({len(str(n))} digits)"
+        raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {shown}")
     return n
+
+
+def _positive_int(value: str) -> int:
+    return _int_in(value, 1, INT_MAX)
+
+
+def _non_negative_int(value: str) -> int:
+    return _int_in(value, 0, INT_MAX)
+
+
+def _seed(value: str) -> int:
+    return _int_in(value, 0, 2**63 - 1)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,10 +60,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     # a low default temperature: the small default model derails at 0.7. No default repetition penalty:
     # it also penalises the conversation's own words and broke follow-up answers ("And of Italy?")
     p.add_argument("--temperature", "-t", type=float, default=0.3, help="0 = greedy (default 0.3)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (try 1.1 against loops)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -73,7 +89,9 @@ def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generate import encode_prompt, stream
+    from lmforge.model_info import require_generator
 
+    require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     if args.system is not None and not args.chat:
         raise LmforgeError("--system needs --chat (a system prompt is part of the chat template)")
     params = _sampling(args)
@@ -88,7 +106,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.chat import chat_session
+    from lmforge.model_info import require_generator
 
+    require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     params = _sampling(args)
     model, tokenizer = _load(args)
     if model.cfg.family == "encoder" or not tokenizer.chat_template:
@@ -112,28 +132,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
 
-    from lmforge.weights.load import export_hf, load
+    from lmforge.weights.load import convert
 
-    dst = Path(args.dst)
-    if dst.exists() and not dst.is_dir():
-        raise LmforgeError(f"{dst} is a file, not a folder")
-    if dst.exists() and any(dst.iterdir()) and not args.force:
-        raise LmforgeError(f"{dst} exists and is not empty (use --force to overwrite)")
-    try:  # before the (slow) load, so a bad destination fails at once
-        dst.mkdir(parents=True, exist_ok=True)
-        for stale in (*dst.glob("*.safetensors"), *dst.glob("model.safetensors.index.json")):
-            stale.unlink()  # --force: shards of an earlier export must not shadow the new weights
-    except OSError as e:
-        raise LmforgeError(f"cannot write to {dst}: {e.strerror or e}") from None
     console = Console(stderr=True)
-    with console.status(f"converting {args.src} ..."):
-        model, tokenizer = load(args.src, dtype=args.dtype)
-        export_hf(model, tokenizer, dst)
-    console.print(f"wrote {dst} ({model.cfg.hf_model_type}, {args.dtype})")
+    with console.status(f"converting {args.src} ..."):  # the destination is checked before the slow load
+        cfg = convert(args.src, args.dst, dtype=args.dtype, force=args.force)
+    console.print(f"wrote {args.dst} ({cfg.hf_model_type}, {args.dtype})")
     return 0
 
 
@@ -167,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty destination")
+    p.add_argument("--force", action="store_true", help="replace a non-empty destination (once the export succeeded)")
     p.set_defaults(func=cmd_convert)
 
     for register in _extra_commands():
@@ -176,10 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from lmforge.embeddings import add_embed_command
+    from lmforge.embed_cli import add_embed_command
     from lmforge.text.cli import add_text_commands
 
     return [add_embed_command, add_text_commands]
+
+
+def _one_line(message: str) -> str:
+    """Messages quote file names and file contents: line breaks in them must not split the error line."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LmforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -200,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lmforge generate ... | head`
         return 0
     except OSError as e:  # a file we were pointed at cannot be read or written
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug of ours: one line for the user, the traceback with LMFORGE_DEBUG=1
         if os.environ.get("LMFORGE_DEBUG"):
             raise
-        print(f"error: internal error ({type(e).__name__}: {e}); rerun with LMFORGE_DEBUG=1 for details",
-              file=sys.stderr)
+        print(f"error: internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with LMFORGE_DEBUG=1 for "
+              "details", file=sys.stderr)
         return 1
 
 

@@ -46,14 +46,20 @@ class ModelConfig:
     act: str = "silu"
 
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before RoPE
     attn_out_bias: bool = False
     mlp_bias: bool = False
     attn_scale: float | None = None  # None = 1/sqrt(head_dim); T5 folds it into the weights (1.0)
     tie_embeddings: bool = True
     logit_scale: float = 1.0  # T5 scales the decoder output by d_model**-0.5 before a tied head
 
-    # encoder heads
-    n_labels: int = 0  # sequence classification head when > 0
+    # training only (inference never drops): after embeddings and each residual branch, and on attention weights
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+
+    # heads besides the LM head
+    # classification head when > 0: BERT's pooler + classifier; decoders a `score` Linear (1 = a reward/value head)
+    n_labels: int = 0
     mlm_head: bool = False
     pooling: Literal["mean", "cls", "none"] = "none"
     normalize_embeddings: bool = False

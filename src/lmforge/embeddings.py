@@ -1,18 +1,15 @@
 """Sentence embeddings from an encoder checkpoint (all-MiniLM-L6-v2 by default), the way
 sentence-transformers computes them: tokenize, encode, pool (mean or [CLS]) and optionally L2-normalise,
-all as the checkpoint's sentence-transformers config says. `lmforge embed` is the command-line shell.
+all as the checkpoint's sentence-transformers config says. `lmforge embed` (embed_cli.py) is the
+command-line shell.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import io
-import json
-import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,23 +22,14 @@ if TYPE_CHECKING:  # torch and the model load on first use: `lmforge --help` and
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer import Tokenizer
 
-__all__ = ["embed", "load_encoder", "add_embed_command"]
+__all__ = ["embed", "load_encoder", "max_tokens"]
 
 
 def _not_a_decoder(model: str) -> None:
     """Refuse a decoder-only model from its config alone, before its weights are read."""
-    from lmforge.weights.gguf import is_gguf
-    from lmforge.weights.hf import config_from_hf
-    from lmforge.weights.registry import resolve
+    from lmforge.model_info import model_family
 
-    path = resolve(model)
-    family = "decoder" if path.is_file() and is_gguf(path) else None  # GGUF files hold decoders only
-    if path.is_dir() and (path / "config.json").exists():
-        try:
-            family = config_from_hf(json.loads((path / "config.json").read_text())).family
-        except (LmforgeError, ValueError, KeyError, TypeError):
-            family = None  # let load() report what is wrong with the folder
-    if family == "decoder":
+    if model_family(model) == "decoder":
         raise LmforgeError(f"{model} is a decoder-only model; embeddings need an encoder such as {DEFAULT_EMBED_MODEL}")
 
 
@@ -117,77 +105,7 @@ def embed(
 
 
 def _embed_batch(encoder: Transformer, batch: list[list[int]], pad_id: int) -> np.ndarray:
-    from lmforge.model.cache import pad_batch
+    from lmforge.data.collate import pad_batch
 
     tokens, mask = pad_batch(batch, pad_id)
-    return encoder.pool(encoder.encode(tokens, mask), mask).float().numpy()
-
-
-# ---- command line ----------------------------------------------------------------------------------
-
-
-def add_embed_command(subparsers: Any) -> None:
-    """Register `lmforge embed` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "embed",
-        help="sentence embeddings of texts (one row per text)",
-        description="Sentence embeddings of the texts given as arguments, or of each line of --file "
-        "(- = stdin). json prints a list of lists; npy writes a binary float32 (n, dim) array.",
-    )
-    p.add_argument("texts", nargs="*", help="texts to embed")
-    p.add_argument("--file", "-f", help="embed each line of this file (- = stdin)")
-    p.add_argument("--model", "-m", default=DEFAULT_EMBED_MODEL, help="encoder: short name, HF folder or hub id")
-    p.add_argument("--format", choices=["json", "npy"], default="json")
-    p.add_argument("--output", "-o", help="write here instead of stdout")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.set_defaults(func=cmd_embed)
-
-
-def _read_texts(args: argparse.Namespace) -> list[str]:
-    if args.file and args.texts:
-        raise LmforgeError("give texts as arguments or --file, not both")
-    if args.file:
-        if args.file == "-":
-            content = sys.stdin.read()
-        else:
-            try:
-                content = Path(args.file).read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise LmforgeError(f"no such file: {args.file}") from None
-            except (OSError, UnicodeDecodeError) as e:
-                raise LmforgeError(f"cannot read {args.file}: {e}") from None
-        texts = content.splitlines()  # one text per line, blank lines included, so row i is line i
-    else:
-        texts = list(args.texts)
-    if not texts:
-        raise LmforgeError("no texts to embed: pass them as arguments or with --file")
-    return texts
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    texts = _read_texts(args)
-    if args.batch_size < 1:
-        raise LmforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
-    vectors = embed(texts, model=args.model, batch_size=args.batch_size, dtype=args.dtype, progress=True)
-    if args.format == "json":
-        payload = (json.dumps(vectors.tolist()) + "\n").encode()
-    else:
-        buffer = io.BytesIO()
-        np.save(buffer, vectors, allow_pickle=False)
-        payload = buffer.getvalue()
-    if args.output:
-        try:
-            Path(args.output).write_bytes(payload)  # exactly this path: np.save would append .npy
-        except OSError as e:
-            raise LmforgeError(f"cannot write {args.output}: {e}") from None
-        return 0
-    if args.format == "json":
-        sys.stdout.write(payload.decode())
-        return 0
-    if sys.stdout.isatty():
-        raise LmforgeError("refusing to write binary .npy to a terminal; use --output PATH or a pipe")
-    sys.stdout.flush()
-    sys.stdout.buffer.write(payload)
-    sys.stdout.buffer.flush()
-    return 0
+    return encoder(tokens, attention_mask=mask, head="pool").float().numpy()

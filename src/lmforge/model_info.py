@@ -1,17 +1,20 @@
-"""What a model is, without loading its weights: family, size, context, memory at each precision."""
+"""What a model is, without loading its weights: family, size, context, memory at each precision.
+
+The weights are still checked, from their headers: every tensor the config needs is there with the right
+shape, and the files hold all the bytes their headers promise (see weights/check.py).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import Transformer
-from lmforge.weights.gguf import config_from_gguf, is_gguf, metadata, open_gguf
+from lmforge.weights.check import GgufHeader, check_gguf, check_hf_folder, meta_model, scan_gguf
+from lmforge.weights.gguf import config_from_gguf, is_gguf
 from lmforge.weights.hf import config_from_hf
 from lmforge.weights.registry import resolve
 
@@ -21,23 +24,54 @@ BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 32}
 
 def read_config(path: Path) -> tuple[ModelConfig, str]:
     """(config, storage description) from a GGUF header or an HF config.json."""
+    cfg, storage, _ = _read_config(path)
+    return cfg, storage
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, str, GgufHeader | None]:
     if path.is_file():
-        if path.suffix != ".gguf" and not is_gguf(path):
-            raise LmforgeError(f"{path} is neither a GGUF file nor a model folder")
-        reader = open_gguf(path)
-        types = sorted({t.tensor_type.name for t in reader.tensors})
-        return config_from_gguf(metadata(reader), path.stem), f"GGUF ({', '.join(types)})"
+        _require_gguf(path)
+        header = scan_gguf(path)  # checks every count and size, and is much quicker than gguf-py's reader
+        return config_from_gguf(header.metadata, path.stem), f"GGUF ({', '.join(header.type_names())})", header
+    return config_from_hf(_hf_config(path), path.name), "HF folder", None
+
+
+def _require_gguf(path: Path) -> None:
+    if path.suffix != ".gguf" and not is_gguf(path):
+        raise LmforgeError(f"{path} is neither a GGUF file nor a model folder")
+
+
+def _hf_config(folder: Path) -> dict[str, Any]:
     try:
-        hf = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"bad or missing config.json in {path}: {e}") from None
-    return config_from_hf(hf, path.name), "HF folder"
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, numbers too long to convert
+        raise LmforgeError(f"bad or missing config.json in {folder}: {str(e).splitlines()[0][:200]}") from None
+
+
+def model_family(name: str) -> str:
+    """'decoder', 'encoder' or 'encoder-decoder', from the config alone: no weights are read."""
+    return _family(name)[0]
+
+
+def _family(name: str) -> tuple[str, str]:
+    path = resolve(name)
+    if path.is_file():
+        _require_gguf(path)
+        return "decoder", "llama"  # the GGUF architectures we read are all decoders
+    cfg = config_from_hf(_hf_config(path), path.name)
+    return cfg.family, cfg.hf_model_type
+
+
+def require_generator(name: str) -> None:
+    """Refuse an encoder-only model for generate/chat before its weights are loaded."""
+    family, kind = _family(name)
+    if family == "encoder":
+        raise LmforgeError(f"{name} is an encoder-only model ({kind}): it embeds text, use `lmforge embed`")
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return sum(p.numel() for p in model.parameters())
+    """Built on the meta device: nothing is allocated."""
+    return sum(p.numel() for p in meta_model(cfg).parameters())
 
 
 def _size(n_bytes: float) -> str:
@@ -46,8 +80,10 @@ def _size(n_bytes: float) -> str:
 
 def inspect_model(name: str) -> dict[str, Any]:
     path = resolve(name)
-    cfg, storage = read_config(path)
-    n = count_parameters(cfg)
+    cfg, storage, header = _read_config(path)
+    # the weights, from their headers: every tensor the config needs, of the right shape, all bytes present
+    expected = check_gguf(header, cfg, str(path)) if header is not None else check_hf_folder(path, cfg)
+    n = sum(math.prod(shape) for shape in expected.values())  # = count_parameters(cfg): tied copies left out
     info: dict[str, Any] = {
         "model": name, "path": str(path), "storage": storage,
         "family": f"{cfg.family} ({cfg.hf_model_type})", "parameters": f"{n:,} ({n / 1e6:.1f}M)",

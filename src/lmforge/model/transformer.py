@@ -1,11 +1,13 @@
-"""The one Transformer: decoder-only LM (GPT-2, Llama), encoder (BERT) and encoder-decoder (T5).
+"""The one Transformer: decoder-only LM (GPT-2, Llama, Qwen, Phi-3), encoder (BERT) and encoder-decoder (T5).
 
-Which stacks exist, how positions enter and where norms sit all come from ModelConfig.
+Which stacks exist, how positions enter, where norms sit and which heads exist all come from ModelConfig.
+Every head is a module reached through `forward`, so DDP, hooks and module swaps see all of them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,11 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.model.cache import KVCache, left_pad_counts
-from lmforge.model.layers import Block, Norm, dense, linear, rope_tables
+from lmforge.model.cache import CacheStep, KVCache
+from lmforge.model.init import init_weights
+from lmforge.model.layers import ACTIVATIONS, Block, Norm, rope_tables
+
+Head = Literal["lm", "mlm", "classify", "pool", "hidden"]
 
 
 def relative_buckets(rel: Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> Tensor:
@@ -34,26 +39,25 @@ def relative_buckets(rel: Tensor, bidirectional: bool, n_buckets: int, max_dista
     return bucket + torch.where(dist < exact, dist, far)
 
 
-def self_attention_mask(T: int, start: int, valid: Tensor | None, force: bool = False) -> tuple[Tensor | None, bool]:
-    """Causal mask for T queries at slots start..start+T-1 over keys 0..start+T-1.
+def default_positions(tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(B, T): 0, 1, 2, ... per row, counting only real tokens, so a left-padded row starts at 0 like alone."""
+    if attention_mask is None:
+        return torch.arange(tokens.shape[1], device=tokens.device)[None].expand(tokens.shape)
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
-    Returns (bool mask (B|1, 1, T, S) or None, is_causal). Without padding the common cases need no
-    mask at all: a one-token decode step sees everything, a fresh prompt is SDPA's own causal case.
-    """
-    if valid is None and not force:
-        if T == 1:
-            return None, False
-        if start == 0:
-            return None, True
-    S = start + T
-    q_pos = torch.arange(start, S, device=valid.device if valid is not None else None)[:, None]
-    k_pos = torch.arange(S, device=q_pos.device)[None]
-    keep = k_pos <= q_pos  # (T, S)
-    if valid is None:
-        return keep[None, None], False
-    # a pad query would see no key at all; letting it see itself keeps softmax finite (its output is unused)
-    keep = (keep[None] & valid[:, None, :]) | (k_pos == q_pos)[None]
-    return keep[:, None], False
+
+def padded_keep(attention_mask: Tensor | None, causal: bool) -> Tensor | None:
+    """(B, 1, T, T) bool mask over a batch's own tokens (no cache), or None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    valid = attention_mask.bool()
+    T = valid.shape[1]
+    keep = valid[:, None, :].expand(-1, T, -1)  # (B, T, T)
+    if causal:
+        idx = torch.arange(T, device=valid.device)
+        # a pad query would see no key at all; letting it see itself keeps softmax finite (its output is unused)
+        keep = (keep & (idx[None, :] <= idx[:, None])) | (idx[None, :] == idx[:, None])
+    return keep[:, None]
 
 
 class Transformer(nn.Module):
@@ -77,45 +81,69 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_dec)) if has_dec else None
         self.dec_norm = Norm(cfg) if has_dec and not cfg.post_norm else None
         self.dec_rel = nn.Embedding(cfg.rel_buckets, cfg.n_head) if has_dec and relative else None
-        self.lm_head = (
-            nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if has_dec and not cfg.tie_embeddings else None
-        )
 
+        # heads: a tied head is still its own module, sharing the embedding's Parameter
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if has_dec else None
         if cfg.mlm_head:  # BERT: dense -> act -> norm -> tied decoder + bias
             self.mlm_dense, self.mlm_norm = nn.Linear(cfg.d_model, cfg.d_model), Norm(cfg)
-            self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        if cfg.n_labels:  # BERT: tanh pooler over [CLS] -> linear classifier
+            self.mlm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        if cfg.n_labels and has_enc:  # BERT: tanh pooler over [CLS] -> linear classifier
             self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
             self.classifier = nn.Linear(cfg.d_model, cfg.n_labels)
-
+        if cfg.n_labels and not has_enc:  # decoders (HF *ForSequenceClassification): read at a chosen token
+            self.score = nn.Linear(cfg.d_model, cfg.n_labels, bias=False)
+        self.tie_weights()
+        if self.tok_emb.weight.device.type != "meta":
+            init_weights(self)
         self.init_buffers()
+
+    def tie_weights(self) -> None:
+        if self.lm_head is not None and self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if self.cfg.mlm_head:
+            self.mlm_head.weight = self.tok_emb.weight
+
+    def tied_names(self) -> list[str]:
+        """State-dict keys that are another key's Parameter (left out of checkpoints)."""
+        names = ["lm_head.weight"] if self.lm_head is not None and self.cfg.tie_embeddings else []
+        return names + (["mlm_head.weight"] if self.cfg.mlm_head else [])
 
     def init_buffers(self) -> None:
         """Derived tables (not weights); recomputed after loading weights into a meta-device model."""
         cfg = self.cfg
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, self.tok_emb.weight.device)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    # ---- embeddings and position helpers -------------------------------------------------------
+    # ---- embeddings and positions --------------------------------------------------------------
 
-    def embed_tokens(self, tokens: Tensor, positions: Tensor, token_types: Tensor | None = None) -> Tensor:
+    def embed(self, tokens: Tensor, positions: Tensor, token_types: Tensor | None = None) -> Tensor:
         x = self.tok_emb(tokens)  # (B, T, d)
         if self.pos_emb is not None:
-            if int(positions.max()) >= self.cfg.max_seq_len:
-                raise LmforgeError(f"sequence longer than the model's context ({self.cfg.max_seq_len} tokens)")
             x = x + self.pos_emb(positions)
         if self.type_emb is not None:
             x = x + self.type_emb(token_types if token_types is not None else torch.zeros_like(tokens))
-        return self.emb_norm(x) if self.emb_norm is not None else x
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        return F.dropout(x, self.cfg.dropout, training=True) if self.training and self.cfg.dropout else x
+
+    def check_positions(self, positions: Tensor) -> None:
+        """Outside the engine (which checks lengths on the host), refuse positions past the context."""
+        if positions.numel() and int(positions.max()) >= self.cfg.max_seq_len:
+            raise LmforgeError(f"sequence longer than the model's context ({self.cfg.max_seq_len} tokens)")
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        if self.cfg.pos != "rope":
+            return None
+        return self.rope_cos[positions][:, :, None].to(dtype), self.rope_sin[positions][:, :, None].to(dtype)
 
     def relative_bias(self, table: nn.Embedding, q_pos: Tensor, k_pos: Tensor, bidirectional: bool) -> Tensor:
-        """(1, H, T, S) additive attention bias from T5's bucketed relative positions."""
-        buckets = relative_buckets(
-            k_pos[None, :] - q_pos[:, None], bidirectional, self.cfg.rel_buckets, self.cfg.rel_max_distance
-        )
-        return table(buckets).permute(2, 0, 1)[None]
+        """(B|1, H, T, S) additive attention bias from T5's bucketed relative positions; q_pos (B|1, T),
+        k_pos (B|1, S)."""
+        rel = k_pos[:, None, :] - q_pos[:, :, None]  # (B, T, S)
+        buckets = relative_buckets(rel, bidirectional, self.cfg.rel_buckets, self.cfg.rel_max_distance)
+        return table(buckets).permute(0, 3, 1, 2)
 
     @staticmethod
     def with_bias(keep: Tensor | None, bias: Tensor) -> Tensor:
@@ -123,130 +151,183 @@ class Transformer(nn.Module):
 
     # ---- stacks --------------------------------------------------------------------------------
 
-    def encode(
+    def encoder_forward(
         self, tokens: Tensor, attention_mask: Tensor | None = None, token_types: Tensor | None = None
     ) -> Tensor:
         """Bidirectional encoder: (B, T) ids -> (B, T, d) hidden states; pads are never attended to."""
         assert self.encoder is not None, "this model has no encoder"
-        B, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
-        x = self.embed_tokens(tokens, positions, token_types)
+        positions = default_positions(tokens, None)
+        if self.pos_emb is not None:
+            self.check_positions(positions[:, -1:])
+        x = self.embed(tokens, positions, token_types)
         keep = None
         if attention_mask is not None and not bool(attention_mask.all()):
             keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         mask: Tensor | None = keep
         if self.enc_rel is not None:
-            pos = torch.arange(T, device=tokens.device)
+            pos = positions[:1]
             mask = self.with_bias(keep, self.relative_bias(self.enc_rel, pos, pos, bidirectional=True).to(x.dtype))
         for block in self.encoder:
             x = block(x, mask)
         return self.enc_norm(x) if self.enc_norm is not None else x
 
-    def decode(
+    def decoder_mask(
+        self, positions: Tensor, cache: CacheStep | None, attention_mask: Tensor | None, dtype: torch.dtype
+    ) -> tuple[Tensor | None, bool]:
+        """Self-attention mask of the decoder -> (bool keep or float bias, is_causal).
+
+        With a cache, key column j holds position j of the row, so a query at position p sees columns <= p.
+        Without one, the keys are this call's own tokens: causal by index, pads hidden.
+        """
+        B, T = positions.shape
+        if cache is not None:
+            keep = None
+            if B > 1 or T > 1:  # one row, one token: every column up to kv_len is its past
+                keep = (torch.arange(cache.kv_len, device=positions.device) <= positions[:, :, None])[:, None]
+            k_pos = torch.arange(cache.kv_len, device=positions.device)[None]
+            is_causal = False
+        else:
+            keep = padded_keep(attention_mask, causal=True)
+            k_pos, is_causal = positions, keep is None and T > 1
+        if self.dec_rel is None:
+            return keep, is_causal
+        if keep is None and is_causal:
+            idx = torch.arange(T, device=positions.device)
+            keep = (idx[None, :] <= idx[:, None])[None, None]
+        bias = self.relative_bias(self.dec_rel, positions, k_pos, bidirectional=False).to(dtype)
+        return self.with_bias(keep, bias), False
+
+    def cross_memory(
+        self, memory: Tensor | None, memory_mask: Tensor | None, cache: CacheStep | None
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """Each decoder layer's cross-attention keys/values and the encoder padding mask: computed from `memory`
+        (and stored in the cache when there is one), else read from the cache."""
+        assert self.decoder is not None
+        if memory is None:
+            assert cache is not None, "an encoder-decoder needs the encoder output or a cache that holds it"
+            return [cache.memory(i) for i in range(len(self.decoder))], cache.memory_mask()
+        memory_kv = [block.cross_attn.memory_kv(memory) for block in self.decoder]
+        if cache is not None:
+            valid = memory_mask.bool() if memory_mask is not None else torch.ones(memory.shape[:2], dtype=torch.bool)
+            cache.cache.set_memory(cache.first, memory_kv, valid.to(memory.device))
+            cache.memory_len = memory.shape[1]
+        keep = None
+        if memory_mask is not None and not bool(memory_mask.all()):
+            keep = memory_mask.bool()[:, None, None, :]
+        return memory_kv, keep
+
+    def decoder_forward(
         self,
         tokens: Tensor,  # (B, T)
-        cache: KVCache | None = None,
-        attention_mask: Tensor | None = None,  # (B, T) 1 = real token; rows left-padded
-        memory: Tensor | None = None,  # (B, S_enc, d) encoder output (encoder-decoder only)
+        positions: Tensor | None = None,  # (B, T); default 0.. per row (counting real tokens only)
+        cache: CacheStep | None = None,
+        attention_mask: Tensor | None = None,  # (B, T) 1 = real token; only without a cache
+        memory: Tensor | None = None,  # (B, S_enc, d) encoder output (encoder-decoder)
         memory_mask: Tensor | None = None,  # (B, S_enc)
     ) -> Tensor:
-        """Causal decoder over new tokens, appending to the cache when given: -> (B, T, d) hidden states."""
+        """Causal decoder over new tokens, writing their keys/values into the cache when given -> (B, T, d)."""
         assert self.decoder is not None, "this model has no decoder"
-        B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None:
-            if start + T > cache.max_len:
-                raise LmforgeError(f"context overflow: {start + T} tokens > cache of {cache.max_len}")
-            if attention_mask is not None:
-                cache.set_padding(attention_mask)
-            valid = cache.valid[:, : start + T] if cache.padded else None
-            pad = cache.pad if cache.padded else None
-        else:
-            valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
-            pad = left_pad_counts(valid) if valid is not None else None
-        positions = torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
-        if pad is not None:
-            positions = (positions - pad[:, None]).clamp(min=0)
-
-        x = self.embed_tokens(tokens, positions)
-        rope = None
-        if self.cfg.pos == "rope":
-            if int(positions[:, -1].max()) >= self.cfg.max_seq_len:
-                raise LmforgeError(f"sequence longer than the model's context ({self.cfg.max_seq_len} tokens)")
-            rope = (self.rope_cos[positions][:, :, None].to(x.dtype), self.rope_sin[positions][:, :, None].to(x.dtype))
-
-        relative = self.dec_rel is not None
-        keep, is_causal = self_attention_mask(T, start, valid, force=relative)
-        mask: Tensor | None = keep
-        if relative:
-            q_pos = torch.arange(start, start + T, device=tokens.device)
-            k_pos = torch.arange(start + T, device=tokens.device)
-            mask = self.with_bias(keep, self.relative_bias(self.dec_rel, q_pos, k_pos, bidirectional=False).to(x.dtype))
-
-        memory_kv: list[tuple[Tensor, Tensor]] | None = None
-        mem_keep: Tensor | None = None
+        if cache is not None and attention_mask is not None:
+            raise LmforgeError("with a KV cache, rows carry their own positions: no attention_mask (no padding)")
+        if positions is None:
+            positions = cache.positions if cache is not None else default_positions(tokens, attention_mask)
+        if cache is None:
+            self.check_positions(positions[:, -1:])
+        x = self.embed(tokens, positions)
+        rope = self.rope(positions, x.dtype)
+        mask, is_causal = self.decoder_mask(positions, cache, attention_mask, x.dtype)
+        memory_kv, memory_keep = None, None
         if self.cfg.family == "encoder-decoder":
-            if cache is not None and cache.memory is not None:
-                memory_kv, mem_keep = cache.memory, cache.memory_mask
-            else:
-                assert memory is not None, "an encoder-decoder needs the encoder output"
-                memory_kv = [blk.cross_attn.split_kv(blk.cross_attn.kv(memory)) for blk in self.decoder]
-                if memory_mask is not None and not bool(memory_mask.all()):
-                    mem_keep = memory_mask.bool()[:, None, None, :]
-                if cache is not None:
-                    cache.memory, cache.memory_mask = memory_kv, mem_keep
-
+            memory_kv, memory_keep = self.cross_memory(memory, memory_mask, cache)
         for i, block in enumerate(self.decoder):
-            x = block(
-                x, mask, rope, cache.layer(i) if cache is not None else None, start,
-                memory_kv[i] if memory_kv is not None else None, mem_keep, is_causal,
-            )
-        if cache is not None:
-            cache.length += T
+            x = block(x, mask, rope, cache, i, memory_kv[i] if memory_kv else None, memory_keep, is_causal)
         return self.dec_norm(x) if self.dec_norm is not None else x
 
     # ---- heads ---------------------------------------------------------------------------------
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
+        assert self.lm_head is not None, "this model has no LM head"
         if self.cfg.logit_scale != 1.0:
             hidden = hidden * self.cfg.logit_scale
-        weight = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
-        return linear(hidden, weight)  # (B, T, vocab)
+        return self.lm_head(hidden)  # (..., vocab)
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
-        h = self.mlm_norm(dense(self.mlm_dense, hidden, self.cfg.act))
-        return linear(h, self.tok_emb.weight, self.mlm_bias)
+        if not self.cfg.mlm_head:
+            raise LmforgeError(f"{self.cfg.name} has no masked-LM head")
+        return self.mlm_head(self.mlm_norm(ACTIVATIONS[self.cfg.act](self.mlm_dense(hidden))))
 
     def classify(self, hidden: Tensor) -> Tensor:
-        return self.classifier(torch.tanh(self.pooler(hidden[:, 0])))  # (B, n_labels)
+        """Encoders: tanh pooler over [CLS] -> (B, n_labels). Decoders: the score head on each given state."""
+        if not self.cfg.n_labels:
+            raise LmforgeError(f"{self.cfg.name} has no classification head (n_labels = 0)")
+        if self.encoder is not None:
+            return self.classifier(torch.tanh(self.pooler(hidden[:, 0])))
+        return self.score(hidden)
 
-    def pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Sentence embedding: mean over real tokens or the [CLS] state, L2-normalised if configured."""
         if self.cfg.pooling == "cls":
             pooled = hidden[:, 0]
         else:
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
             m = attention_mask.to(hidden.dtype)[..., None]
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1) if self.cfg.normalize_embeddings else pooled
 
     def forward(
         self,
-        tokens: Tensor,
-        attention_mask: Tensor | None = None,
-        cache: KVCache | None = None,
-        decoder_tokens: Tensor | None = None,
+        tokens: Tensor | None,  # (B, T); an encoder-decoder's encoder input (None once its cache holds it)
+        positions: Tensor | None = None,  # (B, T) decoder positions
+        cache: CacheStep | None = None,
+        *,
+        attention_mask: Tensor | None = None,  # (B, T) 1 = real token (the encoder's, for an encoder-decoder)
+        token_types: Tensor | None = None,
+        decoder_tokens: Tensor | None = None,  # encoder-decoder: (B, T_dec)
+        head: Head | None = None,  # default: lm for decoders, mlm (if present) or hidden for encoders
+        read_at: int | Tensor | None = None,  # decoders: read the head only at this index of T (int or (B,))
     ) -> Tensor:
-        """Decoder / encoder-decoder: LM logits. Encoder: MLM logits if it has that head, else hidden."""
-        if self.cfg.family == "decoder":
-            return self.lm_logits(self.decode(tokens, cache, attention_mask))
-        if self.cfg.family == "encoder":
-            hidden = self.encode(tokens, attention_mask)
-            return self.mlm_logits(hidden) if self.cfg.mlm_head else hidden
-        assert decoder_tokens is not None, "an encoder-decoder needs decoder_tokens"
-        memory = self.encode(tokens, attention_mask)
-        return self.lm_logits(self.decode(decoder_tokens, cache, memory=memory, memory_mask=attention_mask))
+        """tokens -> the chosen head's output: lm/mlm logits (B, T, V), classify (B, n_labels) for encoders
+        and (B, T, n_labels) for decoders' score head, pool (B, d), hidden (B, T, d). With `read_at` a
+        decoder's head reads one token per row: (B, V), (B, n_labels), (B, d)."""
+        cfg = self.cfg
+        if cfg.family == "encoder" or (head == "pool" and self.encoder is not None):  # T5 embeds with its encoder
+            assert tokens is not None
+            hidden = self.encoder_forward(tokens, attention_mask, token_types)
+            head = head or ("mlm" if cfg.mlm_head else "hidden")
+            if head == "mlm":
+                return self.mlm_logits(hidden)
+            if head == "classify":
+                return self.classify(hidden)
+            if head == "pool":
+                return self.pool(hidden, attention_mask)
+            if head == "hidden":
+                return hidden
+            raise LmforgeError(f"an encoder has no {head!r} head")
+        if cfg.family == "decoder":
+            assert tokens is not None
+            hidden = self.decoder_forward(tokens, positions, cache, attention_mask)
+        else:
+            if decoder_tokens is None:
+                raise LmforgeError("an encoder-decoder needs decoder_tokens")
+            memory = self.encoder_forward(tokens, attention_mask) if tokens is not None else None
+            hidden = self.decoder_forward(decoder_tokens, positions, cache, memory=memory, memory_mask=attention_mask)
+        if read_at is not None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden = hidden[:, read_at] if isinstance(read_at, int) else hidden[rows, read_at]
+        head = head or "lm"
+        if head == "lm":
+            return self.lm_logits(hidden)
+        if head == "classify":
+            return self.classify(hidden)
+        if head == "hidden":
+            return hidden
+        raise LmforgeError(f"a {cfg.family} model has no {head!r} head")
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, slots: int, max_len: int, memory_len: int | None = None) -> KVCache:
+        """A KV cache on the model's device and dtype; an encoder-decoder's holds its encoder keys/values too."""
         p = self.tok_emb.weight
         n_layer = len(self.decoder) if self.decoder is not None else 0
-        return KVCache(self.cfg, batch, max_len, n_layer, p.device, p.dtype)
+        if memory_len is None:
+            memory_len = self.cfg.max_seq_len if self.cfg.family == "encoder-decoder" else 0
+        return KVCache(n_layer, slots, max_len, self.cfg.n_kv_head, self.cfg.head_dim, p.device, p.dtype, memory_len)

@@ -7,19 +7,20 @@ similar take one document per argument or per non-blank stdin line.
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.text.languages import check_language
 from lmforge.text.lemmas import is_stop_word, lemmatize, remove_stopwords
-from lmforge.text.similarity import DEFAULT_EMBEDDING_MODEL, METHODS, document_similarity
+from lmforge.text.similarity import METHODS, EmbedFn, document_similarity
 from lmforge.text.tokenize import tokenize
 from lmforge.text.vectors import DocTermMatrix, bag_of_words, tfidf
+from lmforge.textio import check_arguments, read_stdin
 
 Handler = Callable[[argparse.Namespace], int]
 _PREVIEW_CHARS = 40
+DEFAULT_EMBEDDING_MODEL = "minilm-l6"
 
 
 def add_text_commands(subparsers: Any) -> None:
@@ -112,7 +113,8 @@ def _similar(args: argparse.Namespace) -> int:
     if len(documents) < 2:
         raise LmforgeError("similar needs at least two documents")
     methods = list(METHODS) if args.method == "all" else [args.method]
-    scores = {m: document_similarity(documents, m, lang=args.lang, model=args.model) for m in methods}
+    embed_fn = _embedder(args.model) if "embedding" in methods else None
+    scores = {m: document_similarity(documents, m, lang=args.lang, embed_fn=embed_fn) for m in methods}
     pairs = [
         {"a": i, "b": j, **{m: round(float(scores[m][i, j]), 4) for m in methods}}
         for i in range(len(documents))
@@ -124,14 +126,25 @@ def _similar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedder(model: str) -> EmbedFn:
+    """The shell supplies the model stack: lmforge.text itself never imports torch."""
+
+    def embed_fn(texts: list[str]) -> Any:
+        from lmforge.embeddings import embed
+
+        return embed(texts, model=model)
+
+    return embed_fn
+
+
 def _one_text(args: argparse.Namespace) -> str:
-    return " ".join(args.texts) if args.texts else sys.stdin.read()
+    return " ".join(check_arguments(args.texts)) if args.texts else read_stdin()
 
 
 def _documents(args: argparse.Namespace) -> list[str]:
     if args.texts:
-        return list(args.texts)
-    documents = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        return check_arguments(list(args.texts))
+    documents = [line for line in read_stdin().splitlines() if line.strip()]
     if not documents:
         raise LmforgeError("no documents: pass them as arguments or one per line on stdin")
     return documents

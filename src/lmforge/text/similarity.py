@@ -1,6 +1,6 @@
 """Pairwise document similarity under the four classic representations, for side-by-side comparison."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -9,7 +9,7 @@ from lmforge.text.vectors import bag_of_words, check_documents, pairwise_cosine,
 from lmforge.text.word2vec import WordVectors, train_word2vec
 
 METHODS: tuple[str, ...] = ("bow", "tfidf", "word2vec", "embedding")
-DEFAULT_EMBEDDING_MODEL = "minilm-l6"
+EmbedFn = Callable[[list[str]], np.ndarray]  # texts -> (n, dim) sentence embeddings
 
 
 def document_similarity(
@@ -18,13 +18,14 @@ def document_similarity(
     *,
     lang: str = "en",
     word_vectors: WordVectors | None = None,
-    model: str = DEFAULT_EMBEDDING_MODEL,
+    embed_fn: EmbedFn | None = None,
 ) -> np.ndarray:
     """(n, n) cosine similarities between documents; a document with no usable words scores 0 with all.
 
     word2vec averages word vectors: pass `word_vectors` trained on a real corpus, otherwise they are
     trained on `texts` themselves, which for a handful of sentences mostly measures shared words.
-    embedding uses transformer sentence embeddings from lmforge.embeddings (`model` names the model).
+    embedding uses the sentence embeddings `embed_fn` returns (e.g. `lmforge.embed`, or a partial of it
+    naming the model): this package never imports the model stack itself.
     """
     documents = check_documents(texts)
     if method == "bow":
@@ -34,7 +35,7 @@ def document_similarity(
     if method == "word2vec":
         return pairwise_cosine(_word2vec_vectors(documents, word_vectors))
     if method == "embedding":
-        return pairwise_cosine(_embedding_vectors(documents, model))
+        return pairwise_cosine(_embedding_vectors(documents, embed_fn))
     raise LmforgeError(f"unknown similarity method {method!r}; choose from: {', '.join(METHODS)}")
 
 
@@ -47,12 +48,10 @@ def _word2vec_vectors(documents: list[str], word_vectors: WordVectors | None) ->
     return np.stack([word_vectors.document_vector(doc) for doc in documents])
 
 
-def _embedding_vectors(documents: list[str], model: str) -> np.ndarray:
-    # Imported here: the embeddings module pulls in torch and a transformer, which only this method needs.
-    try:
-        from lmforge.embeddings import embed
-    except ImportError as err:
-        raise LmforgeError(
-            f"the embedding method needs lmforge.embeddings, which failed to import: {err}"
-        ) from err
-    return np.asarray(embed(documents, model=model), dtype=np.float32)
+def _embedding_vectors(documents: list[str], embed_fn: EmbedFn | None) -> np.ndarray:
+    if embed_fn is None:
+        raise LmforgeError("the embedding method needs embed_fn, a function texts -> vectors (e.g. lmforge.embed)")
+    vectors = np.asarray(embed_fn(documents), dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(documents):
+        raise LmforgeError(f"embed_fn returned shape {vectors.shape} for {len(documents)} documents")
+    return vectors

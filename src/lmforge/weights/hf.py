@@ -30,9 +30,34 @@ def _eos_list(value: Any) -> list[int]:
 def _rope_base(hf: dict[str, Any]) -> float:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
+    if kind not in ("default", None):  # Phi-3's longrope (also spelt su / yarn), llama3, linear, dynamic, ...
         raise LmforgeError(f"rope scaling {kind!r} is not supported yet")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        raise LmforgeError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported yet")
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+# decoder-only families that are Llama plus config switches; the HF class for each, for export
+LLAMA_LIKE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
+def _sliding_window(hf: dict[str, Any], kind: str) -> int | None:
+    """The attention window transformers applies to some layer, or None: its config classes' defaults included."""
+    if kind == "mistral":
+        return hf.get("sliding_window", 4096)
+    if kind == "phi3":
+        return hf.get("sliding_window")
+    if kind in ("qwen2", "qwen3"):  # only with use_sliding_window, and only from layer max_window_layers on
+        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+        layer_types = hf.get("layer_types")
+        if layer_types is not None:
+            slides = "sliding_attention" in layer_types
+        else:
+            slides = hf["num_hidden_layers"] > hf.get("max_window_layers", 28)
+        return window if slides else None
+    return None
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
@@ -47,20 +72,25 @@ def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
 def _config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
     kind = hf.get("model_type")
     common: dict[str, Any] = dict(name=name, hf_model_type=kind, vocab_size=int(hf["vocab_size"]))
-    if kind in ("llama", "mistral", "qwen2"):
-        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
+    if kind in LLAMA_LIKE:
+        sliding = _sliding_window(hf, kind)
         if sliding and sliding < hf["max_position_embeddings"]:
             raise LmforgeError(f"sliding-window attention ({sliding}) is not supported yet")
         n_head = hf["num_attention_heads"]
+        # what each transformers class does with attention_bias: Llama and Qwen3 put it on q, k, v and o; Qwen2
+        # always has q/k/v biases and never o; Mistral and Phi-3 have no biases whatever the config says
+        attention_bias = bool(hf.get("attention_bias")) and kind in ("llama", "qwen3")
+        # Qwen3Config's head_dim defaults to 128, not hidden_size // num_attention_heads
+        head_dim = hf.get("head_dim") or (128 if kind == "qwen3" else hf["hidden_size"] // n_head)
         return ModelConfig(
             **common, d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, d_ff=hf["intermediate_size"],
+            n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=head_dim, d_ff=hf["intermediate_size"],
             max_seq_len=hf["max_position_embeddings"], rope_base=_rope_base(hf), norm_eps=hf["rms_norm_eps"],
-            act=ACT_FROM_HF[hf.get("hidden_act", "silu")],
-            qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")),
-            attn_out_bias=kind != "qwen2" and bool(hf.get("attention_bias")),
-            mlp_bias=bool(hf.get("mlp_bias")), tie_embeddings=bool(hf.get("tie_word_embeddings", kind != "llama")),
+            act=ACT_FROM_HF[hf.get("hidden_act", "silu")], qkv_bias=kind == "qwen2" or attention_bias,
+            qk_norm=kind == "qwen3", attn_out_bias=attention_bias,
+            mlp_bias=kind == "llama" and bool(hf.get("mlp_bias")),
+            # a config without the key: transformers' default (untied); load_hf_folder decides from the checkpoint
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_list(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
         )
@@ -112,10 +142,10 @@ def _config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     kind = cfg.hf_model_type
     eos = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else (cfg.eos_token_ids or None)
-    if kind in ("llama", "mistral", "qwen2"):
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]
+    if kind in LLAMA_LIKE:
+        _check_exportable(cfg)
         hf: dict[str, Any] = dict(
-            architectures=[arch], model_type=kind, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+            architectures=[LLAMA_LIKE[kind]], model_type=kind, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
             head_dim=cfg.head_dim, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_seq_len,
             rope_theta=cfg.rope_base, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
@@ -124,8 +154,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         )
         if kind == "llama":
             hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-        if kind == "mistral":
+        if kind == "qwen3":
+            hf.update(attention_bias=cfg.qkv_bias)
+        if kind in ("qwen2", "qwen3"):
+            hf.update(use_sliding_window=False, sliding_window=None)
+        if kind in ("mistral", "phi3"):
             hf.update(sliding_window=None)
+        if kind == "phi3":
+            hf["rope_parameters"]["partial_rotary_factor"] = 1.0
         return hf
     if kind == "gpt2":
         return dict(
@@ -164,6 +200,19 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     raise LmforgeError(f"cannot export model_type {kind!r}")
 
 
+def _check_exportable(cfg: ModelConfig) -> None:
+    """Refuse a config the HF class of its model_type cannot express, rather than write a folder that loads wrong."""
+    kind = cfg.hf_model_type
+    biases = {"llama": (cfg.qkv_bias, cfg.qkv_bias, cfg.mlp_bias), "qwen3": (cfg.qkv_bias, cfg.qkv_bias, False),
+              "qwen2": (True, False, False)}.get(kind, (False, False, False))
+    family = (biases, kind == "qwen3", "rope", "rms", True, None, 1.0)
+    ours = ((cfg.qkv_bias, cfg.attn_out_bias, cfg.mlp_bias), cfg.qk_norm, cfg.pos, cfg.norm, cfg.gated_mlp,
+            cfg.attn_scale, cfg.logit_scale)
+    if ours != family:
+        raise LmforgeError(f"this model's config cannot be exported as HF model_type {kind!r} "
+                           "(biases, q/k norms, positions, norm or MLP differ from that family)")
+
+
 def _conv1d_fix(name: str, tensor: Tensor) -> Tensor:
     """GPT-2 stores its block Linear weights transposed (Conv1D: in x out)."""
     return tensor.t().contiguous() if name.startswith("h.") and tensor.ndim == 2 else tensor
@@ -196,6 +245,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     except (OSError, json.JSONDecodeError) as e:
         raise LmforgeError(f"bad config.json in {folder}: {e}") from None
     cfg = config_from_hf(hf, name=folder.name)
+    _add_generation_eos(cfg, folder)
     kind = cfg.hf_model_type
     raw = read_safetensors(folder)
     if kind == "t5":
@@ -209,15 +259,50 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
                k.removesuffix(".beta") + ".bias" if k.endswith(".beta") else k: v for k, v in raw.items()}
     if kind in ("gpt2",) and "lm_head.weight" in raw:
         raw.pop("lm_head.weight")  # tied copy saved by GPT2LMHeadModel
-    if kind in ("llama", "mistral", "qwen2") and cfg.tie_embeddings:
-        raw.pop("lm_head.weight", None)
+    if kind in LLAMA_LIKE:
+        _decide_tying(cfg, hf, raw, folder)
+        if cfg.tie_embeddings:
+            raw.pop("lm_head.weight", None)
     fix = _conv1d_fix if kind == "gpt2" else None
     state = to_ours(raw, HF_RULES[kind], HF_PREFIXES.get(kind, ""), fix)
     return cfg, state
 
 
+def _decide_tying(cfg: ModelConfig, hf: dict[str, Any], raw: dict[str, Tensor], folder: Path) -> None:
+    """Tied or not, for a Llama-like checkpoint. A config without tie_word_embeddings is tied exactly when there is
+    no lm_head.weight (transformers would leave such a head random). A config that says tied but comes with an
+    lm_head.weight different from the embedding is untied, as transformers does: the checkpoint wins."""
+    head, emb = raw.get("lm_head.weight"), raw.get("model.embed_tokens.weight")
+    if hf.get("tie_word_embeddings") is None:
+        cfg.tie_embeddings = head is None
+    elif cfg.tie_embeddings and head is not None and emb is not None and not torch.equal(head, emb):
+        cfg.tie_embeddings = False
+    elif not cfg.tie_embeddings and head is None:
+        raise LmforgeError(f"config.json of {folder.name} says tie_word_embeddings=false but the checkpoint has no "
+                           "lm_head.weight")
+
+
+def _add_generation_eos(cfg: ModelConfig, folder: Path) -> None:
+    """generation_config.json's eos_token_id (int or list) joins config.json's: theirs first, then the extra ones."""
+    path = folder / "generation_config.json"
+    if not path.exists():
+        return
+    try:
+        gen = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"bad generation_config.json in {folder}: {e}") from None
+    try:
+        extra = _eos_list(gen.get("eos_token_id")) if isinstance(gen, dict) else []
+        extra = [int(i) for i in extra]
+    except (TypeError, ValueError):
+        raise LmforgeError(f"bad eos_token_id in generation_config.json of {folder}") from None
+    cfg.eos_token_ids = list(dict.fromkeys([*cfg.eos_token_ids, *extra]))
+
+
 def save_hf_folder(cfg: ModelConfig, state: dict[str, Tensor], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    if cfg.tie_embeddings:  # a tied head is the embedding itself, whether or not a module's state dict lists it
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     fix = _conv1d_fix if cfg.hf_model_type == "gpt2" else None
     if cfg.hf_model_type == "t5" and cfg.logit_scale == 1.0 and "lm_head.weight" not in state:
         # an unscaled T5 head is written out as its own tensor: every transformers version reads

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +16,10 @@ from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.fast import use_onednn
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
+from lmforge.weights.check import check_fits, check_hf_folder, meta_model, scan_gguf
 from lmforge.weights.gguf import is_gguf, load_gguf
 from lmforge.weights.hf import load_hf_folder, save_hf_folder
 from lmforge.weights.registry import resolve
@@ -29,38 +36,70 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Transformer:
-    """Config + our state dict -> an eval-mode model, without a wasted random initialisation."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = set(model.state_dict())
-    state = {k: v for k, v in state.items() if k in expected or not k.startswith("pooler.")}  # BERT's unused pooler
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
-        raise LmforgeError(f"weights do not fit the config: {what}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(model.get_parameter(name).shape):
-            raise LmforgeError(f"wrong shape for {name}: {tuple(tensor.shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+def build(
+    cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu", inference: bool = True,
+) -> Transformer:
+    """Config + our state dict -> a model, without a wasted random initialisation. `inference`: eval mode,
+    no gradients, and the fastest Linears for the device swapped in (model/fast.py)."""
+    model = meta_model(cfg)
+    tied = set(model.tied_names())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    check_fits(shapes, state)
+    state = {k: v for k, v in state.items() if k in shapes}  # BERT's unused pooler
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
+    model.tie_weights()
     model.init_buffers()
-    return model.eval().requires_grad_(False)
+    if not inference:
+        return model.train()
+    model.eval().requires_grad_(False)
+    use_onednn(model)
+    return model
 
 
-def load(name: str | Path, dtype: str | torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
-    """A short name, GGUF file or HF folder -> (model, tokenizer)."""
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(
+    name: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device | None = None,
+    inference: bool = True,
+) -> tuple[Transformer, Tokenizer]:
+    """A short name, GGUF file or HF folder -> (model, tokenizer), on `device` (default: cuda when present).
+    `inference=False` gives a trainable model (train mode, gradients on, plain Linears).
+
+    The checkpoint is checked from its headers first (check.py): a truncated, corrupt or mismatched one is
+    refused with an LmforgeError before its tensors are read."""
     path = resolve(str(name))
     dt = parse_dtype(dtype)
     if path.is_file():
         if path.suffix != ".gguf" and not is_gguf(path):
             raise LmforgeError(f"{path} is neither a GGUF file nor a model folder")
-        cfg, state, meta = load_gguf(path)
-        tokenizer = Tokenizer.from_gguf(meta)
+        scan_gguf(path)  # gguf-py trusts the file's counts and sizes: refuse corrupt ones first
+        try:
+            cfg, state, meta = load_gguf(path)
+        except RuntimeError as e:  # tensors the config cannot reshape (q/k rows) or stack (gate|up)
+            raise LmforgeError(f"bad GGUF file {path}: tensor shapes do not fit the config "
+                               f"({str(e).splitlines()[0][:200]})") from None
+        tokenizer = _gguf_tokenizer(meta, path)
     else:
+        from lmforge.model_info import read_config
+
+        check_hf_folder(path, read_config(path)[0])  # headers only: before any tensor is read
         cfg, state = load_hf_folder(path)
         tokenizer = Tokenizer.from_dir(path)
         _apply_sentence_config(cfg, path)
-    return build(cfg, state, dt), tokenizer
+    return build(cfg, state, dt, device or default_device(), inference), tokenizer
+
+
+def _gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_gguf(meta)
+    except LmforgeError:
+        raise
+    except Exception as e:  # a corrupt vocabulary: tokenizers raises plain Exceptions, Python KeyError/TypeError
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise LmforgeError(f"bad tokenizer in GGUF file {path}: {msg}") from None
 
 
 # sentence-transformers' pooling switches, old style (one bool each) -> the mode names of its newer configs
@@ -115,7 +154,9 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, folder: Path) -> None:
     """Write config.json + model.safetensors + tokenizer files that transformers (and we) load; an
     embedding model also gets the sentence-transformers files that say how it pools and truncates."""
     folder = Path(folder)
-    save_hf_folder(model.cfg, dict(model.state_dict()), folder)
+    save_hf_folder(model.cfg, checkpoint_state(model), folder)
+    for weights in folder.glob("model*.safetensors"):
+        _default_permissions(weights)  # safetensors writes 0600
     tokenizer.save(folder, model_max_length=model.cfg.max_seq_len)
     if model.cfg.family == "encoder" and model.cfg.pooling != "none":
         _write_sentence_config(model.cfg, folder)
@@ -140,3 +181,122 @@ def default_dtype() -> str:
     slower (its matrix-vector kernels do not reach the memory bandwidth fp32's do), and decode is what a
     chat waits on. Models run on the CPU for now; a device-aware default comes with GPU support."""
     return "float32"
+
+
+def checkpoint_state(model: Transformer) -> dict[str, Tensor]:
+    """The model's state dict as checkpoints store it: tied copies left out."""
+    tied = set(model.tied_names())
+    return {k: v for k, v in model.state_dict().items() if k not in tied}
+
+
+# ---- convert: all or nothing ---------------------------------------------------------------------------
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype = "float32", force: bool = False) -> ModelConfig:
+    """Any checkpoint `load` reads -> an HF folder at dst, all or nothing: the destination is checked before
+    the (slow) load, the export is written into a temporary folder beside dst and renamed into place only once
+    complete; with `force` an existing dst is replaced at that moment (moved aside, then removed). A failed
+    conversion leaves dst exactly as it was. Returns the model's config."""
+    target = _convert_target(src, dst, force)
+    model, tokenizer = load(src, dtype)
+    export_hf_atomic(model, tokenizer, target, force=force)
+    return model.cfg
+
+
+def _convert_target(src: str | Path, dst: str | Path, force: bool) -> Path:
+    """dst as an absolute path, refused when converting there would destroy the source or the current folder."""
+    if not str(dst).strip():
+        raise LmforgeError("empty destination: name the folder to write (e.g. out/)")
+    target = Path(os.path.abspath(Path(dst).expanduser()))  # normalised, links not followed
+    source, real = resolve(str(src)).resolve(), target.resolve()
+    if real == source:
+        raise LmforgeError(f"{dst} is the source itself: convert into another folder")
+    if source.is_dir() and real.is_relative_to(source):
+        raise LmforgeError(f"{dst} is inside the source folder {source}: convert into another folder")
+    if source.is_relative_to(real):
+        raise LmforgeError(f"the source {source} is inside {dst}, which the export would replace")
+    if Path.cwd().resolve().is_relative_to(real):
+        raise LmforgeError(f"{dst} is (or contains) the current folder: convert into a new folder")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise LmforgeError(f"{dst} is a file, not a folder")
+        if not force and any(target.iterdir()):
+            raise LmforgeError(f"{dst} exists and is not empty (use --force to replace it)")
+    return target
+
+
+def export_hf_atomic(model: Transformer, tokenizer: Tokenizer, folder: str | Path, force: bool = False) -> None:
+    """export_hf, all or nothing: written into a temporary folder beside `folder` (same file system) and renamed
+    into place when complete. An existing non-empty `folder` is refused unless `force`, which replaces it only
+    then. On any failure (or Ctrl-C) the temporary folder is removed and `folder` is left as it was."""
+    folder = Path(os.path.abspath(Path(folder).expanduser()))
+    created = _make_parents(folder.parent)
+    tmp: Path | None = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+        export_hf(model, tokenizer, tmp)
+        _default_permissions(tmp, recursive=True)
+        _replace_folder(tmp, folder, force)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if isinstance(e, OSError):
+            raise LmforgeError(f"cannot write {folder}: {e.strerror or e}") from None
+        raise
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first), so that a failure can take them back."""
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+    except OSError as e:
+        for path in missing:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise LmforgeError(f"cannot create {path}: {e.strerror or e}") from None
+    return list(reversed(missing))
+
+
+def _replace_folder(tmp: Path, folder: Path, force: bool) -> None:
+    if not (folder.exists() or folder.is_symlink()):
+        os.rename(tmp, folder)
+        return
+    if not folder.is_dir():
+        raise LmforgeError(f"{folder} is a file, not a folder")
+    if not force and any(folder.iterdir()):
+        raise LmforgeError(f"{folder} exists and is not empty (use --force to replace it)")
+    aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:12]}.old")
+    os.rename(folder, aside)
+    try:
+        os.rename(tmp, folder)
+    except BaseException:
+        os.rename(aside, folder)
+        raise
+    if aside.is_symlink():  # --force on a link to a folder replaces the link, never what it points to
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_permissions(path: Path, recursive: bool = False) -> None:
+    """The mode any new file or folder gets (0644 / 0755 under the usual umask): safetensors writes its files
+    0600, and mkdtemp makes its folder 0700."""
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if recursive else [path]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)

@@ -26,8 +26,28 @@ LLAMA: list[Rule] = [
     ("model.layers.{i}.self_attn.v_proj.{p}", "decoder.{i}.attn.qkv.{p}", 2),
     ("model.layers.{i}.self_attn.o_proj.{p}", "decoder.{i}.attn.out.{p}", None),
     ("model.layers.{i}.post_attention_layernorm.weight", "decoder.{i}.mlp_norm.weight", None),
-    ("model.layers.{i}.mlp.gate_proj.weight", "decoder.{i}.mlp.fc_in.weight", 0),
-    ("model.layers.{i}.mlp.up_proj.weight", "decoder.{i}.mlp.fc_in.weight", 1),
+    ("model.layers.{i}.mlp.gate_proj.{p}", "decoder.{i}.mlp.fc_in.{p}", 0),  # {p}: Llama's mlp_bias
+    ("model.layers.{i}.mlp.up_proj.{p}", "decoder.{i}.mlp.fc_in.{p}", 1),
+    ("model.layers.{i}.mlp.down_proj.{p}", "decoder.{i}.mlp.fc_out.{p}", None),
+    ("model.norm.weight", "dec_norm.weight", None),
+    ("lm_head.weight", "lm_head.weight", None),
+]
+
+# Qwen3: Llama's names plus an RMSNorm over each q and k head
+QWEN3: list[Rule] = [
+    *LLAMA,
+    ("model.layers.{i}.self_attn.q_norm.weight", "decoder.{i}.attn.q_norm.weight", None),
+    ("model.layers.{i}.self_attn.k_norm.weight", "decoder.{i}.attn.k_norm.weight", None),
+]
+
+# Phi-3 stores q|k|v and gate|up fused in the same order we do: one-to-one, no biases
+PHI3: list[Rule] = [
+    ("model.embed_tokens.weight", "tok_emb.weight", None),
+    ("model.layers.{i}.input_layernorm.weight", "decoder.{i}.attn_norm.weight", None),
+    ("model.layers.{i}.self_attn.qkv_proj.weight", "decoder.{i}.attn.qkv.weight", None),
+    ("model.layers.{i}.self_attn.o_proj.weight", "decoder.{i}.attn.out.weight", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "decoder.{i}.mlp_norm.weight", None),
+    ("model.layers.{i}.mlp.gate_up_proj.weight", "decoder.{i}.mlp.fc_in.weight", None),
     ("model.layers.{i}.mlp.down_proj.weight", "decoder.{i}.mlp.fc_out.weight", None),
     ("model.norm.weight", "dec_norm.weight", None),
     ("lm_head.weight", "lm_head.weight", None),
@@ -62,7 +82,7 @@ BERT: list[Rule] = [
     ("classifier.{p}", "classifier.{p}", None),
     ("cls.predictions.transform.dense.{p}", "mlm_dense.{p}", None),
     ("cls.predictions.transform.LayerNorm.{p}", "mlm_norm.{p}", None),
-    ("cls.predictions.bias", "mlm_bias", None),
+    ("cls.predictions.bias", "mlm_head.bias", None),
 ]
 
 T5: list[Rule] = [
@@ -114,8 +134,8 @@ GGUF_LLAMA: list[Rule] = [
     ("output.weight", "lm_head.weight", None),
 ]
 
-HF_RULES: dict[str, list[Rule]] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt2": GPT2, "bert": BERT,
-                                   "t5": T5}
+HF_RULES: dict[str, list[Rule]] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": QWEN3, "phi3": PHI3,
+                                   "gpt2": GPT2, "bert": BERT, "t5": T5}
 # HF's task wrappers prefix the base model's names; our tables are written without the prefix
 HF_PREFIXES = {"gpt2": "transformer.", "bert": "bert."}
 # checkpoint tensors that are buffers or tied copies, not weights of their own

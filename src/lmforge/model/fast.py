@@ -1,0 +1,88 @@
+"""Inference-time module swaps: a Linear is replaced by another module with the same call, so the model code
+never changes. `swap_linears` is the one seam: oneDNN Linears here, quantized Linears and LoRA use it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# oneDNN's matmul beats the default fp32 path on this project's CPUs for both shapes that matter:
+# matrix-vector products in decode (it streams the weights from memory faster, benchmarks/decode.py) and
+# whole-sequence encoder products (benchmarks/embed.py). It has no autograd: with gradients on it falls back.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def swap_linears(
+    model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None], include_heads: bool = True
+) -> int:
+    """Replace each nn.Linear `name` by `make(name, linear)` (None keeps it); returns how many were swapped.
+    A tied head shares the embedding's Parameter, and whatever `make` keeps of it stays shared."""
+    heads = ("lm_head", "mlm_head", "score", "classifier")
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    swapped = 0
+    for name, linear in targets:
+        if not include_heads and name.split(".")[-1] in heads:
+            continue
+        new = make(name, linear)
+        if new is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        swapped += 1
+    return swapped
+
+
+class OneDNNLinear(nn.Module):
+    """nn.Linear through oneDNN for fp32 CPU inference; F.linear whenever gradients or another dtype/device
+    are involved, so it is always safe to leave in place."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (
+            x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not torch.compiler.is_compiling()
+        ):
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def use_onednn(model: nn.Module) -> int:
+    """Swap every nn.Linear (heads included) for OneDNNLinear where oneDNN is available and the model is fp32
+    on the CPU; returns how many were swapped."""
+    p = next(model.parameters())
+    if not ONEDNN or p.device.type != "cpu" or p.dtype != torch.float32:
+        return 0
+    return swap_linears(model, lambda _name, linear: OneDNNLinear(linear))
+
+
+def plain_linears(model: nn.Module) -> int:
+    """Undo use_onednn: plain nn.Linears again (same Parameters), e.g. before training."""
+    def back(module: nn.Module) -> int:
+        n = 0
+        for child_name, child in module.named_children():
+            if isinstance(child, OneDNNLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear.weight = child.weight
+                linear.bias = child.bias
+                setattr(module, child_name, linear)
+                n += 1
+            else:
+                n += back(child)
+        return n
+
+    return back(model)

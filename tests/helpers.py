@@ -1,0 +1,27 @@
+"""Small helpers shared by tests (imported as `helpers`: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.generate import SamplingParams, complete
+from lmforge.model.transformer import Transformer
+
+
+def engine_tokens(
+    model: Transformer, prompts: list[list[int]], eos_ids: list[int] | None = None, max_batch: int = 32,
+    truncate: bool = False, **params,
+) -> list[list[int]]:
+    """Each prompt's generated token ids through the engine (EOS itself not included)."""
+    done = complete(model, None, prompts, SamplingParams(**params), truncate=truncate, max_batch=max_batch,
+                    eos_ids=eos_ids)
+    return [[o.token for o in c.tokens] for c in done]
+
+
+@torch.no_grad()
+def manual_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens by full forwards without a cache: the reference the engine must equal."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
