@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.generate import SamplingParams, generate_tokens
+from lmforge.generate import SamplingParams, complete
 from lmforge.weights.load import load
 from lmforge.weights.registry import resolve
 
@@ -54,8 +54,7 @@ def bench_lmforge(prompt: list[int], n_new: int, runs: int, dtype: str) -> tuple
     first = SamplingParams(max_new_tokens=1, temperature=0)
 
     def run(params: SamplingParams) -> None:
-        for _ in generate_tokens(model, [prompt], params, eos_ids=[]):
-            pass
+        complete(model, None, [prompt], params, eos_ids=[])
 
     return rates(lambda: run(first), lambda: run(greedy), len(prompt), n_new, runs)
 

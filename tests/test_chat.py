@@ -97,3 +97,10 @@ def test_dropping_several_turns_at_once(tokenizer, prompts, capsys) -> None:
     turns = "a\nb\nc\n" + "y" * 120 + "\n"
     run(tokenizer, turns, context=200, max_new_tokens=50)
     assert capsys.readouterr().err.splitlines() == ["(dropped 3 earliest turns to fit the context)"]
+
+
+def test_a_line_that_is_not_utf8_is_reported_and_skipped(tokenizer, prompts, capsys) -> None:
+    stdin = io.TextIOWrapper(io.BytesIO("caf\xe9\n".encode("latin-1") + "thé\n".encode()), encoding="utf-8")
+    messages, out = run(tokenizer, "", stdin=stdin)
+    assert capsys.readouterr().err.splitlines() == ["error: input line is not valid UTF-8 (byte 0xe9 at offset 3)"]
+    assert out == "ok\n" and messages[0] == {"role": "user", "content": "thé"}

@@ -117,3 +117,25 @@ def test_bf16_load_and_generate(smollm_path):
     ids = tok.encode(tok.apply_chat_template(CHATS[0]), add_special_tokens=False)
     (answer,) = generate(model, tok, [ids], SamplingParams(max_new_tokens=24, temperature=0))
     assert "Paris" in answer
+
+
+def test_requests_joining_a_running_batch_keep_their_solo_greedy_tokens(smollm, prompts):
+    """The engine as a server drives it: requests arrive while others decode, one leaves early on max tokens;
+    each gets exactly the tokens it gets alone."""
+    from lmforge.engine import Engine
+
+    model, _ = smollm
+    lengths = [24, 8, 16]
+    solo = [engine_tokens(model, [ids], eos_ids=[], max_new_tokens=n, temperature=0)[0]
+            for ids, n in zip(prompts, lengths, strict=True)]
+    engine = Engine(model, max_batch=3, eos_ids=[], prefill_chunk=16)
+    got: dict[int, list[int]] = {}
+    for step in range(60):
+        if step in (0, 3, 5):
+            i = (0, 3, 5).index(step)
+            got[engine.add(prompts[i], SamplingParams(max_new_tokens=lengths[i], temperature=0))] = []
+        for out in engine.step():
+            got[out.request_id].append(out.token)
+        if not engine.has_work():
+            break
+    assert [got[i] for i in sorted(got)] == solo

@@ -8,6 +8,7 @@ from typing import TextIO
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams, stream
 from lmforge.model.transformer import Transformer
+from lmforge.textio import decode_utf8
 from lmforge.tokenizer import Tokenizer
 
 HELP = "commands: /help shows this, /reset clears the conversation, /exit quits; Ctrl-C stops an answer"
@@ -26,9 +27,14 @@ def fit_history(
 
 
 def _read_turn(stdin: TextIO, interactive: bool) -> str:
-    """One line of user input; "" at end of input. On a terminal, input() gives line editing and history."""
+    """One line of user input; "" at end of input. On a terminal, input() gives line editing and history.
+    A line that is not UTF-8 is an LmforgeError (the session reports it and goes on)."""
     if not interactive:
-        return stdin.readline()
+        buffer = getattr(stdin, "buffer", None)
+        if buffer is None:  # an in-memory text stream: already decoded
+            return stdin.readline()
+        line = buffer.readline()
+        return decode_utf8(line, "input line") if line else ""
     try:
         import readline  # noqa: F401  (importing it is what turns on editing for input())
     except ImportError:
@@ -37,6 +43,8 @@ def _read_turn(stdin: TextIO, interactive: bool) -> str:
         return input("\n>>> ") + "\n"
     except EOFError:
         return ""
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"input is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
 def chat_session(
@@ -58,6 +66,9 @@ def chat_session(
     while True:
         try:
             line = _read_turn(stdin, interactive)
+        except LmforgeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         except KeyboardInterrupt:  # Ctrl-C at the prompt: end the prompt's line so the shell's starts its own
             out = stdout if interactive else sys.stderr  # never an extra line in piped output
             out.write("\n")

@@ -43,6 +43,10 @@ def _non_negative_int(value: str) -> int:
     return _int_in(value, 0, INT_MAX)
 
 
+def _logprobs(value: str) -> int:
+    return _int_in(value, 0, 20)
+
+
 def _seed(value: str) -> int:
     return _int_in(value, 0, 2**63 - 1)
 
@@ -73,6 +77,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop),
+        logprobs=getattr(args, "logprobs", None),
     )
     params.validate()
     return params
@@ -88,19 +93,41 @@ def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmforge.generate import encode_prompt, stream
+    import json
+    import time
+
+    from lmforge.engine import fit_context
+    from lmforge.generate import complete, completion_dict, encode_prompt, stream_outputs
     from lmforge.model_info import require_generator
+    from lmforge.stats import format_stats
 
     require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     if args.system is not None and not args.chat:
         raise LmforgeError("--system needs --chat (a system prompt is part of the chat template)")
+    if args.logprobs is not None and args.format != "json":
+        raise LmforgeError("--logprobs needs --format json")
     params = _sampling(args)
+    start = time.perf_counter()
     model, tokenizer = _load(args)
+    load_seconds = time.perf_counter() - start
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
-    for delta in stream(model, tokenizer, ids, params, truncate=args.truncate):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    kept = fit_context(model, ids, params.max_new_tokens, args.truncate)
+    if len(kept) < len(ids):
+        print(f"(prompt truncated: {len(ids) - len(kept)} of its {len(ids)} tokens dropped to fit the context)",
+              file=sys.stderr)
+    if args.format == "json":
+        (completion,) = complete(model, tokenizer, [kept], params)
+        print(json.dumps(completion_dict(completion, tokenizer, args.logprobs is not None), ensure_ascii=False))
+        usage = completion.usage
+    else:
+        usage = None
+        for out in stream_outputs(model, tokenizer, kept, params):
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+            usage = out.usage or usage
+        sys.stdout.write("\n")
+    if args.stats and usage is not None:
+        print(format_stats(load_seconds, usage), file=sys.stderr)
     return 0
 
 
@@ -157,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt for --chat (default: the template's own)")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens instead of failing")
     _add_sampling_args(p, max_new_tokens=256)
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="json: one object with text, finish_reason, usage and the tokens")
+    p.add_argument("--logprobs", type=_logprobs, default=None, metavar="K",
+                   help="with --format json: each token's log-probability and its K most likely alternatives")
+    p.add_argument("--stats", action="store_true", help="print load time, token counts, speeds and memory to stderr")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat; /reset clears the conversation, /exit quits")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmforge.engine import Engine, FinishReason, StepOutput, Usage, fit_context
 from lmforge.errors import LmforgeError
@@ -16,8 +17,8 @@ from lmforge.textstream import TextStream
 from lmforge.tokenizer import Tokenizer
 
 __all__ = [
-    "Completion", "SamplingParams", "TextStream", "complete", "encode_prompt", "fit_context", "generate", "sample",
-    "stream", "stream_outputs",
+    "Completion", "SamplingParams", "TextStream", "complete", "completion_dict", "encode_prompt", "fit_context",
+    "generate", "sample", "stream", "stream_outputs",
 ]
 
 
@@ -100,3 +101,26 @@ def generate(
 ) -> list[str]:
     """Generate for a batch of prompts of any lengths at once; returns each completion's text."""
     return [c.text for c in complete(model, tokenizer, prompts, params, truncate)]
+
+
+def completion_dict(completion: Completion, tokenizer: Tokenizer, logprobs: bool) -> dict[str, Any]:
+    """A completion as the JSON object `lmforge generate --format json` prints (OpenAI-like field names)."""
+
+    def piece(i: int) -> str:
+        return tokenizer.decode([i], skip_special_tokens=False)
+
+    tokens = []
+    for out in completion.tokens:
+        assert out.token is not None
+        entry: dict[str, Any] = {"id": out.token, "token": piece(out.token)}
+        if logprobs:
+            entry["logprob"] = out.logprob
+            entry["top"] = [{"id": i, "token": piece(i), "logprob": lp} for i, lp in out.top]
+        tokens.append(entry)
+    usage = completion.usage
+    return {
+        "text": completion.text, "finish_reason": completion.finish_reason,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+        "tokens": tokens,
+    }

@@ -19,10 +19,11 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 def swap_linears(
     model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None], include_heads: bool = True
 ) -> int:
-    """Replace each nn.Linear `name` by `make(name, linear)` (None keeps it); returns how many were swapped.
-    A tied head shares the embedding's Parameter, and whatever `make` keeps of it stays shared."""
+    """Replace each Linear `name` (nn.Linear or OneDNNLinear, which has the same attributes) by
+    `make(name, linear)` (None keeps it); returns how many were swapped. A tied head shares the embedding's
+    Parameter, and whatever `make` keeps of it stays shared."""
     heads = ("lm_head", "mlm_head", "score", "classifier")
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, OneDNNLinear)]
     swapped = 0
     for name, linear in targets:
         if not include_heads and name.split(".")[-1] in heads:
@@ -38,8 +39,8 @@ def swap_linears(
 
 
 class OneDNNLinear(nn.Module):
-    """nn.Linear through oneDNN for fp32 CPU inference; F.linear whenever gradients or another dtype/device
-    are involved, so it is always safe to leave in place."""
+    """nn.Linear through oneDNN for fp32 CPU inference; F.linear whenever gradients, autocast, torch.compile or
+    another dtype/device are involved, so it is always safe to leave in place."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -52,7 +53,7 @@ class OneDNNLinear(nn.Module):
         if (
             x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
         ):
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return F.linear(x, w, self.bias)

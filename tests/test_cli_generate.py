@@ -1,0 +1,56 @@
+"""`lmforge generate --format json --logprobs K` and `--stats` on the real default model, against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+
+PROMPT = "The capital of France is"
+
+
+@pytest.mark.slow
+def test_logprobs_json_equal_transformers_log_softmax(smollm_path, hf_smollm, hf_smollm_tokenizer, capsys):
+    rc = main(["generate", PROMPT, "--model", str(smollm_path), "--temperature", "0", "--max-new-tokens", "6",
+               "--format", "json", "--logprobs", "3"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["finish_reason"] in ("length", "eos")
+    ids = hf_smollm_tokenizer(PROMPT).input_ids
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(out["tokens"]),
+                            "total_tokens": len(ids) + len(out["tokens"])}
+    assert "".join(t["token"] for t in out["tokens"]) == out["text"]
+    seq = list(ids)
+    for tok in out["tokens"]:
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_smollm(torch.tensor([seq])).logits[0, -1].float(), -1)
+        best = torch.topk(logp, 3)
+        assert tok["id"] == best.indices[0].item()  # greedy
+        assert tok["logprob"] == pytest.approx(logp[tok["id"]].item(), abs=2e-3)
+        assert [t["id"] for t in tok["top"]] == best.indices.tolist()
+        assert [t["logprob"] for t in tok["top"]] == pytest.approx(best.values.tolist(), abs=2e-3)
+        assert tok["token"] == hf_smollm_tokenizer.decode([tok["id"]])
+        seq.append(tok["id"])
+    assert "Paris" in out["text"]
+
+
+@pytest.mark.slow
+def test_stats_and_text_format(smollm_path, capsys):
+    rc = main(["generate", PROMPT, "--model", str(smollm_path), "--temperature", "0", "--max-new-tokens", "5",
+               "--stats"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "Paris" in captured.out
+    stats = dict(line.split(":", 1) for line in captured.err.strip().splitlines()[-8:])
+    assert stats["prompt eval count"].strip() == "5 token(s)" and stats["eval count"].strip() == "5 token(s)"
+    assert float(stats["eval rate"].split()[0]) > 0 and float(stats["prompt eval rate"].split()[0]) > 0
+    assert "GiB RSS" in stats["peak memory"]
+
+
+def test_logprobs_needs_json_and_a_sane_k(capsys):
+    assert main(["generate", "hi", "--logprobs", "2"]) == 2
+    assert "--format json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own check, before anything loads
+        main(["generate", "hi", "--format", "json", "--logprobs", "50"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: argument --logprobs")
