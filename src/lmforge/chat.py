@@ -6,8 +6,9 @@ import sys
 from typing import TextIO
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingParams, stream
+from lmforge.generate import SamplingParams, stream_outputs
 from lmforge.model.transformer import Transformer
+from lmforge.stats import format_stats
 from lmforge.textio import decode_utf8
 from lmforge.tokenizer import Tokenizer
 
@@ -54,8 +55,11 @@ def chat_session(
     system: str | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
+    stats: bool = False,
+    load_seconds: float = 0.0,
 ) -> list[dict[str, str]]:
-    """Read user turns until EOF or /exit; returns the final conversation."""
+    """Read user turns until EOF or /exit; returns the final conversation. `stats` prints each answer's token
+    counts, speeds and memory to stderr (with the model's load time), as `ollama run --verbose` does."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty() and stdout.isatty()
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -100,11 +104,12 @@ def chat_session(
         if len(messages) < before:
             dropped = (before - len(messages)) // 2  # one turn = a question and its answer
             print(f"(dropped {dropped} earliest turn{'s' if dropped != 1 else ''} to fit the context)", file=sys.stderr)
-        answer = ""
+        answer, usage = "", None
         try:
-            for delta in stream(model, tokenizer, ids, params, truncate=True):
-                answer += delta
-                stdout.write(delta)
+            for out in stream_outputs(model, tokenizer, ids, params, truncate=True):
+                answer += out.text
+                usage = out.usage or usage
+                stdout.write(out.text)
                 stdout.flush()
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
@@ -112,4 +117,6 @@ def chat_session(
             print(f"error: {e}", file=sys.stderr)
         stdout.write("\n")
         stdout.flush()
+        if stats and usage is not None:
+            print(format_stats(load_seconds, usage), file=sys.stderr)
         messages.append({"role": "assistant", "content": answer})

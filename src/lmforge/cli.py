@@ -132,15 +132,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    import time
+
     from lmforge.chat import chat_session
     from lmforge.model_info import require_generator
 
     require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     params = _sampling(args)
+    start = time.perf_counter()
     model, tokenizer = _load(args)
+    load_seconds = time.perf_counter() - start
     if model.cfg.family == "encoder" or not tokenizer.chat_template:
         raise LmforgeError(f"{args.model} has no chat template: use `lmforge generate` to complete raw text")
-    chat_session(model, tokenizer, params, system=args.system)
+    chat_session(model, tokenizer, params, system=args.system, stats=args.stats, load_seconds=load_seconds)
     return 0
 
 
@@ -195,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     _add_sampling_args(p, max_new_tokens=512)
+    p.add_argument("--stats", action="store_true", help="after each answer, print token counts, speeds and memory")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="family, parameters, context length and memory of a model")

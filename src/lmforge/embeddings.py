@@ -108,4 +108,5 @@ def _embed_batch(encoder: Transformer, batch: list[list[int]], pad_id: int) -> n
     from lmforge.data.collate import pad_batch
 
     tokens, mask = pad_batch(batch, pad_id)
-    return encoder(tokens, attention_mask=mask, head="pool").float().numpy()
+    device = encoder.tok_emb.weight.device
+    return encoder(tokens.to(device), attention_mask=mask.to(device), head="pool").float().cpu().numpy()
