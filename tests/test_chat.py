@@ -38,11 +38,11 @@ def prompts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """Fake generation: every answer is "ok"; the prompts it was given are recorded."""
     seen: list[list[int]] = []
 
-    def fake_stream(model, tokenizer, ids, params, truncate=False):
+    def fake_outputs(model, tokenizer, ids, params, truncate=False):
         seen.append(list(ids))
-        yield "ok"
+        yield SimpleNamespace(text="ok", usage=None, token=1, finish_reason=None)
 
-    monkeypatch.setattr(lmforge.chat, "stream", fake_stream)
+    monkeypatch.setattr(lmforge.chat, "stream_outputs", fake_outputs)
     return seen
 
 

@@ -252,7 +252,8 @@ class Engine:
         kv_len = max(r.length for r in rows) + 1
         tok = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
-        logits = self.decode(self.model, tok, pos, self.cache.step(0, pos, kv_len=kv_len))
+        start = positions[0] if n == 1 else None  # one row: a slice write, cheaper than a scatter
+        logits = self.decode(self.model, tok, pos, self.cache.step(0, pos, kv_len=kv_len, start=start))
         for r in rows:
             self.cache.lengths[r.slot] = r.length + 1
         return logits

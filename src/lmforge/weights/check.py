@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import mmap
+import numbers
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +39,11 @@ _INT_LIMITS: dict[str, tuple[int, int]] = {
 _MAX_TABLE = 1 << 27  # max_seq_len * head_dim of the RoPE tables (512 MiB each in fp32; 1M context x 128)
 
 
+def _is_int(value: Any) -> bool:
+    """An integer (numpy's too), not a bool, a float or a string: what JSON values must be for a size."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_config(cfg: ModelConfig) -> None:
     """Every size a positive integer within bounds, every float finite: else one LmforgeError line."""
 
@@ -46,7 +52,7 @@ def check_config(cfg: ModelConfig) -> None:
 
     for field, (lo, hi) in _INT_LIMITS.items():
         value = getattr(cfg, field)
-        if type(value) is not int or not lo <= value <= hi:
+        if not _is_int(value) or not lo <= value <= hi:
             raise bad(field, value, f"an integer in [{lo}, {hi}]")
     for field in ("rope_base", "norm_eps", "logit_scale", "attn_scale"):
         value = getattr(cfg, field)
@@ -62,9 +68,9 @@ def check_config(cfg: ModelConfig) -> None:
         raise bad("max_seq_len * head_dim", cfg.max_seq_len * cfg.head_dim, f"<= {_MAX_TABLE}")
     for field in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
         value = getattr(cfg, field)
-        if value is not None and type(value) is not int:
+        if value is not None and not _is_int(value):
             raise bad(field, value, "a token id (an integer)")
-    if not isinstance(cfg.eos_token_ids, list) or any(type(i) is not int for i in cfg.eos_token_ids):
+    if not isinstance(cfg.eos_token_ids, list) or not all(_is_int(i) for i in cfg.eos_token_ids):
         raise bad("eos_token_ids", cfg.eos_token_ids, "a list of token ids")
 
 
