@@ -25,3 +25,18 @@ def manual_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     return seq[len(prompt) :]
+
+
+def randomized(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """A reference model moved off its init (zero biases, unit norms) so every weight matters; eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """(T, V) logits of a transformers causal LM for one prompt."""
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]

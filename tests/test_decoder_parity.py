@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import engine_tokens
+from helpers import engine_tokens, hf_logits, randomized
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 from lmforge.weights.load import export_hf, load
@@ -51,16 +51,7 @@ PROMPTS = [
 
 def make_hf(kind: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[kind]())
-    with torch.no_grad():  # move off the init (zero biases, unit norms) so every weight matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model.eval()
-
-
-def hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
+    return randomized(AutoModelForCausalLM.from_config(CONFIGS[kind]()), seed)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

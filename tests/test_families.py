@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_logits, randomized
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -61,16 +62,7 @@ CASES = {
 
 def make_hf(config, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # move off the init (zero biases, unit norms) so every weight matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model.eval()
-
-
-def hf_logits(hf, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
+    return randomized(AutoModelForCausalLM.from_config(config), seed)
 
 
 def ours_logits(model, ids: list[int]) -> torch.Tensor:

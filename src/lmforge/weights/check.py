@@ -368,7 +368,7 @@ def check_gguf(header: GgufHeader, cfg: ModelConfig, where: str) -> Shapes:
     Returns the expected shapes (ours)."""
     from gguf.constants import GGMLQuantizationType
 
-    from lmforge.weights.gguf import SUPPORTED_TYPES, unpermute_rope_rows
+    from lmforge.weights.gguf import SUPPORTED_TYPES, qk_row_fix
     from lmforge.weights.names import GGUF_LLAMA
 
     for t in header.tensors:
@@ -378,12 +378,5 @@ def check_gguf(header: GgufHeader, cfg: ModelConfig, where: str) -> Shapes:
     cfg = dataclasses.replace(cfg, tie_embeddings=cfg.tie_embeddings and "output.weight" not in raw)
     expected = expected_shapes(cfg)
 
-    def fix(name: str, w: Tensor) -> Tensor:
-        if name.endswith("attn_q.weight"):
-            return unpermute_rope_rows(w, cfg.n_head)
-        if name.endswith("attn_k.weight"):
-            return unpermute_rope_rows(w, cfg.n_kv_head)
-        return w
-
-    check_fits(expected, _to_ours(GGUF_LLAMA, raw, "", fix, where))
+    check_fits(expected, _to_ours(GGUF_LLAMA, raw, "", qk_row_fix(cfg), where))
     return expected

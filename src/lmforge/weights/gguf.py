@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,11 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any
         tensors[t.name] = torch.from_numpy(np.require(values, np.float32, ["C", "W"]).reshape(shape))
     if cfg.tie_embeddings and "output.weight" in tensors:
         cfg.tie_embeddings = False
+    return cfg, to_ours(tensors, GGUF_LLAMA, fix=qk_row_fix(cfg)), meta
+
+
+def qk_row_fix(cfg: ModelConfig) -> Callable[[str, Tensor], Tensor]:
+    """The per-tensor fix `to_ours` applies to GGUF tensors: q and k rows back in HF's order."""
 
     def fix(name: str, w: Tensor) -> Tensor:
         if name.endswith("attn_q.weight"):
@@ -102,4 +108,4 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any
             return unpermute_rope_rows(w, cfg.n_kv_head)
         return w
 
-    return cfg, to_ours(tensors, GGUF_LLAMA, fix=fix), meta
+    return fix
