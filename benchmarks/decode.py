@@ -5,7 +5,7 @@ of the ratios. Prefill: one 512-token prompt. Decode: batch 1, 128 greedy tokens
 timed as (prefill + 128 tokens) - prefill, median of 3 runs. llama-cpp-python is measured only when
 installed (`pip install -e ".[bench]"`, a ~15 minute native build); its row is skipped otherwise.
 
-    .venv/bin/python benchmarks/decode.py [--runs 3] [--new-tokens 128] [--prompt-tokens 512]
+    .venv/bin/python benchmarks/decode.py [--runs 3] [--new-tokens 128] [--prompt-tokens 512] [--compile]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.generate import SamplingParams, complete
+from lmforge.engine import Engine
+from lmforge.generate import SamplingParams
 from lmforge.weights.load import load
 from lmforge.weights.registry import resolve
 
@@ -48,14 +49,19 @@ def rates(prefill: Callable[[], object], full: Callable[[], object], n_prompt: i
     return n_prompt / t_prefill, (n_new - 1) / max(t_full - t_prefill, 1e-9)
 
 
-def bench_lmforge(prompt: list[int], n_new: int, runs: int, dtype: str) -> tuple[float, float]:
+def bench_lmforge(prompt: list[int], n_new: int, runs: int, dtype: str, compile: bool = False) -> tuple[float, float]:
     model, _ = load(MODEL, dtype=dtype)
     greedy = SamplingParams(max_new_tokens=n_new, temperature=0)
     first = SamplingParams(max_new_tokens=1, temperature=0)
 
-    def run(params: SamplingParams) -> None:
-        complete(model, None, [prompt], params, eos_ids=[])
+    def run(params: SamplingParams) -> None:  # the engine as generate() drives it: one request, batch 1
+        engine = Engine(model, max_batch=1, eos_ids=[], compile=compile)
+        engine.add(prompt, params)
+        while engine.has_work():
+            engine.step()
 
+    if compile:
+        run(greedy)  # compile outside the timing (and a second shape for dynamic sizes)
     return rates(lambda: run(first), lambda: run(greedy), len(prompt), n_new, runs)
 
 
@@ -98,6 +104,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--compile", action="store_true", help="also measure the engine with its decode step compiled")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     console = Console(width=120)
@@ -109,6 +116,9 @@ def main() -> None:
         rows.append(("transformers", "float32", bench_transformers(ids, args.new_tokens, args.runs, "float32")))
         rows.append(("lmforge", "float32", bench_lmforge(ids, args.new_tokens, args.runs, "float32")))
         rows.append(("lmforge", "bfloat16", bench_lmforge(ids, args.new_tokens, args.runs, "bfloat16")))
+        if args.compile:
+            compiled = bench_lmforge(ids, args.new_tokens, args.runs, "float32", compile=True)
+            rows.append(("lmforge compiled", "float32", compiled))
         rows.append(("llama.cpp (Q4_1)", "gguf", bench_llama_cpp(ids, args.new_tokens, args.runs)))
 
     base_prefill, base_decode = rows[0][2]  # type: ignore[misc]
