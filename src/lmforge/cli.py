@@ -61,9 +61,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
-    # a low default temperature: the small default model derails at 0.7. No default repetition penalty:
-    # it also penalises the conversation's own words and broke follow-up answers ("And of Italy?")
-    p.add_argument("--temperature", "-t", type=float, default=0.3, help="0 = greedy (default 0.3)")
+    # defaults measured by benchmarks/chat_defaults.py (12 factual questions x 4 seeds + 3 open requests on the
+    # default model): 0.2 / top-p 0.9 / no penalty was the most often correct sampled setting with the fewest
+    # derails (83% / 7%, like greedy); 0.3 derailed twice as often, a 1.1 penalty lost correct answers
+    p.add_argument("--temperature", "-t", type=float, default=0.2, help="0 = greedy (default 0.2)")
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (try 1.1 against loops)")
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="multi-turn chat; /reset clears the conversation, /exit quits")
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
-    _add_sampling_args(p, max_new_tokens=512)
+    _add_sampling_args(p, max_new_tokens=256)  # measured: the longest correct answer took 183 tokens
     p.add_argument("--stats", action="store_true", help="after each answer, print token counts, speeds and memory")
     p.set_defaults(func=cmd_chat)
 
