@@ -35,7 +35,7 @@ def tiny(name: str = "tiny-gpt2", **changes) -> Transformer:
 
 def inference(model: Transformer) -> Transformer:
     model = copy.deepcopy(model).eval().requires_grad_(False)
-    use_onednn(model)
+    use_onednn(model, measure=False)  # the swapped path, whichever is faster on this CPU
     return model
 
 
@@ -216,3 +216,19 @@ def test_heads_through_forward():
         expected = transformed @ encoder.tok_emb.weight.T + encoder.mlm_head.bias
         torch.testing.assert_close(mlm, expected)
     assert encoder.mlm_head.weight is encoder.tok_emb.weight
+
+
+def test_load_picks_the_faster_matmul_path(monkeypatch):
+    from lmforge.model import fast
+
+    model = tiny("tiny-llama").eval().requires_grad_(False)
+    for decision, swapped in ((False, 0), (True, 4 * model.cfg.n_layer + 1)):
+        candidate = copy.deepcopy(model)
+        monkeypatch.setattr(fast, "onednn_is_faster", lambda _m, d=decision: d)
+        assert use_onednn(candidate) == swapped
+    monkeypatch.setenv("LMFORGE_ONEDNN", "1")  # the user's word wins over the measurement
+    assert use_onednn(copy.deepcopy(model)) == 4 * model.cfg.n_layer + 1
+    monkeypatch.setenv("LMFORGE_ONEDNN", "0")
+    assert use_onednn(copy.deepcopy(model)) == 0
+    monkeypatch.delenv("LMFORGE_ONEDNN")
+    assert isinstance(fast.onednn_is_faster(model), bool)
