@@ -26,7 +26,7 @@ from lmforge.sampling import SamplingParams, sample, token_logprobs
 from lmforge.textstream import TextStream
 from lmforge.tokenizer import Tokenizer
 
-FinishReason = Literal["stop", "length", "eos", "abort"]
+FinishReason = Literal["stop", "length", "eos"]
 
 
 @dataclass
@@ -42,7 +42,7 @@ class StepOutput:
     """One request's news from one step: a new token (with the text it made final), or its end."""
 
     request_id: int
-    token: int | None  # None: this output only says the request ended (EOS, abort)
+    token: int | None  # None: this output only says the request ended on EOS
     text: str = ""  # text that became final with this token (needs a tokenizer; stop strings are cut)
     logprob: float | None = None  # of `token`, when the request asked for logprobs
     top: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob) alternatives
