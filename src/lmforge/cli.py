@@ -175,6 +175,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmforge.tokenizer_train import save_trained, train_tokenizer
+
+    tokenizer = train_tokenizer(args.files, args.kind, args.vocab_size, args.special, args.min_frequency,
+                                show_progress=sys.stderr.isatty())
+    out = save_trained(tokenizer, args.out)
+    Console(stderr=True).print(f"wrote {out} ({args.kind}, {tokenizer.vocab_size} tokens)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmforge import __version__
 
@@ -213,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--force", action="store_true", help="replace a non-empty destination (once the export succeeded)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools (train)")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
+    p = tok_sub.add_parser("train", help="train a tokenizer on text files (streamed): bpe, wordpiece or unigram")
+    p.add_argument("--files", nargs="+", required=True, help="text files or folders (their .txt/.md files)")
+    p.add_argument("--kind", choices=["bpe", "wordpiece", "unigram"], default="bpe",
+                   help="bpe: byte-level (decoders); wordpiece: BERT-style (encoders); unigram: T5-style")
+    p.add_argument("--vocab-size", type=_positive_int, default=8000)
+    p.add_argument("--special", action="append", default=[], help="extra special token (repeatable)")
+    p.add_argument("--min-frequency", type=_positive_int, default=2, help="bpe/wordpiece: rarest pair merged")
+    p.add_argument("--out", required=True, help="x.json: the tokenizer.json alone; else a folder (+ its config)")
+    p.set_defaults(func=cmd_tokenizer_train)
 
     for register in _extra_commands():
         register(sub)
