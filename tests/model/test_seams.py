@@ -223,9 +223,11 @@ def test_load_picks_the_faster_matmul_path(monkeypatch):
 
     model = tiny("tiny-llama").eval().requires_grad_(False)
     for decision, swapped in ((False, 0), (True, 4 * model.cfg.n_layer + 1)):
-        candidate = copy.deepcopy(model)
-        monkeypatch.setattr(fast, "onednn_is_faster", lambda _m, d=decision: d)
-        assert use_onednn(candidate) == swapped
+        calls = []
+        monkeypatch.setattr(fast, "_DECISIONS", {})
+        monkeypatch.setattr(fast, "onednn_is_faster", lambda _m, d=decision, c=calls: c.append(1) or d)
+        assert use_onednn(copy.deepcopy(model)) == swapped
+        assert use_onednn(copy.deepcopy(model)) == swapped and len(calls) == 1  # measured once per process
     monkeypatch.setenv("LMFORGE_ONEDNN", "1")  # the user's word wins over the measurement
     assert use_onednn(copy.deepcopy(model)) == 4 * model.cfg.n_layer + 1
     monkeypatch.setenv("LMFORGE_ONEDNN", "0")

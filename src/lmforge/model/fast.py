@@ -75,9 +75,21 @@ def use_onednn(model: nn.Module, measure: bool = True) -> int:
     if forced is not None:
         if forced == "0":
             return 0
-    elif measure and not onednn_is_faster(model):
+    elif measure and not _decision(model):
         return 0
     return swap_linears(model, lambda _name, linear: OneDNNLinear(linear))
+
+
+_DECISIONS: dict[bool, bool] = {}  # per process, decoder or encoder shapes: the CPU does not change
+
+
+def _decision(model: nn.Module) -> bool:
+    """onednn_is_faster, measured once per process for each kind of product (one row / many rows)."""
+    cfg = getattr(model, "cfg", None)
+    encoder = cfg is not None and cfg.family == "encoder"
+    if encoder not in _DECISIONS:
+        _DECISIONS[encoder] = onednn_is_faster(model)
+    return _DECISIONS[encoder]
 
 
 def onednn_is_faster(model: nn.Module) -> bool:
