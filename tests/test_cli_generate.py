@@ -54,3 +54,18 @@ def test_logprobs_needs_json_and_a_sane_k(capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse's own check, before anything loads
         main(["generate", "hi", "--format", "json", "--logprobs", "50"])
     assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: argument --logprobs")
+
+
+def test_truncated_prompt_says_so(tmp_path, capsys):
+    """--truncate drops the oldest prompt tokens with a one-line notice on stderr; without it, an error."""
+    from tiny import llama_folder
+
+    folder = llama_folder(tmp_path / "llama")  # context 64, byte tokenizer: one token per character
+    prompt = "x" * 70
+    assert main(["generate", prompt, "--model", str(folder), "--max-new-tokens", "4", "--temperature", "0"]) == 2
+    assert "context overflow" in capsys.readouterr().err
+    assert main(["generate", prompt, "--model", str(folder), "--max-new-tokens", "4", "--temperature", "0",
+                 "--truncate", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "(prompt truncated: 10 of its 70 tokens dropped to fit the context)" in captured.err
+    assert json.loads(captured.out)["usage"]["prompt_tokens"] == 60
