@@ -210,7 +210,13 @@ def test_cache_grows_under_running_rows(tiny):
     """A request longer than the cache so far arrives mid-run: the cache grows, the running row keeps its state."""
     engine = Engine(tiny, max_batch=2, eos_ids=[])
     long_prompt = [(7 * i) % 250 + 3 for i in range(100)]
-    got = drive(engine, {0: [(PROMPTS[0], greedy(12))], 3: [(long_prompt, greedy(10))]})
-    assert engine.cache is not None and engine.cache.max_len >= 110
+    got: dict[int, list[int]] = {engine.add(PROMPTS[0], greedy(12)): []}
+    for step in range(40):
+        if step == 3:
+            assert engine.cache is not None and engine.cache.max_len < 110  # sized for the first request only
+            got[engine.add(long_prompt, greedy(10))] = []
+        for out in engine.step():
+            got[out.request_id].append(out.token)
+    assert not engine.has_work() and engine.cache.max_len >= 110
     assert got[0] == manual_greedy(tiny, PROMPTS[0], 12)
     assert got[1] == manual_greedy(tiny, long_prompt, 10)

@@ -70,7 +70,8 @@ def test_hooks_fire_on_every_projection_in_inference_and_training(name):
 def test_tied_head_is_a_module_sharing_the_embedding():
     model = tiny("tiny-gpt2")
     assert model.cfg.tie_embeddings and model.lm_head.weight is model.tok_emb.weight
-    assert len(list(model.parameters())) == len(set(map(id, model.parameters())))
+    # exactly one Parameter (the embedding) is reached twice: the head holds no copy of its own
+    assert len(list(model.named_parameters(remove_duplicate=False))) == len(list(model.parameters())) + 1
     with torch.no_grad():
         ref = model(TOKENS)
         hidden = model(TOKENS, head="hidden")
@@ -133,11 +134,14 @@ def test_lora_shaped_wrapper_swapped_in_everywhere(start):
         torch.testing.assert_close(model(TOKENS), expected, atol=1e-5, rtol=1e-5)
     # the adapters train, the tied base does not move
     model.requires_grad_(False)
-    adapters = [p for n, p in model.named_parameters() if ".A." in n or ".B." in n]
-    for p in adapters:
+    adapters = {n: p for n, p in model.named_parameters() if n.endswith((".A.weight", ".B.weight"))}
+    assert len(adapters) == 2 * n
+    for p in adapters.values():
         p.requires_grad_(True)
     model(TOKENS).logsumexp(-1).mean().backward()
-    assert all(p.grad is not None for p in adapters) and model.tok_emb.weight.grad is None
+    for name, p in adapters.items():  # every B learns; an A learns only where its B is already nonzero (the head)
+        moves = name.endswith(".B.weight") or name == "lm_head.A.weight"
+        assert p.grad is not None and (p.grad.abs().sum() > 0) == moves, name
 
 
 def test_int8_linears_swapped_in_head_included():
@@ -153,7 +157,7 @@ def test_int8_linears_swapped_in_head_included():
         torch.testing.assert_close(out, hidden @ (head.qweight.float() * head.scale).T)
     err = (out - ref).abs().max().item()
     assert 0 < err < 0.05 * ref.abs().max().item()  # quantized: close, not equal
-    assert torch.equal(out.argmax(-1), ref.argmax(-1)) or (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
 def test_fresh_init_loss_is_near_ln_vocab():

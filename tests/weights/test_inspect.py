@@ -85,7 +85,7 @@ def test_config_declares_more_layers_than_stored(copy: Path, capsys) -> None:
 
 def test_config_declares_fewer_layers_or_other_sizes(copy: Path) -> None:
     edit_config(copy, num_hidden_layers=1)
-    with pytest.raises(LmforgeError, match="unexpected tensor|unexpected"):
+    with pytest.raises(LmforgeError, match="unexpected"):
         inspect_model(str(copy))
     edit_config(copy, num_hidden_layers=2, intermediate_size=96)
     with pytest.raises(LmforgeError, match=r"wrong shape for decoder\.0\.mlp"):
