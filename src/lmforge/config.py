@@ -112,3 +112,25 @@ PRESETS: dict[str, ModelConfig] = {
         qkv_bias=True, attn_out_bias=True, mlp_bias=True, bos_token_id=0, eos_token_ids=[0],
     ),
 }
+
+# Pre-training presets (`lmforge pretrain --preset`): vocab_size 0 = the prepared data's tokenizer decides, and
+# its special tokens fill the bos/eos/pad ids. Shapes are laptop-sized; `small-gpt` is benchmarks/train.py's.
+_GPT2 = dict(hf_model_type="gpt2", pos="learned", norm="layer", gated_mlp=False, act="gelu_tanh", qkv_bias=True,
+             attn_out_bias=True, mlp_bias=True)
+_BERT = dict(family="encoder", hf_model_type="bert", pos="learned", n_token_types=2, norm="layer", norm_eps=1e-12,
+             post_norm=True, gated_mlp=False, act="gelu", qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+             mlm_head=True)
+_T5 = dict(family="encoder-decoder", hf_model_type="t5", pos="relative", norm="rms", norm_eps=1e-6, gated_mlp=True,
+           act="gelu_tanh", attn_scale=1.0, tie_embeddings=False)
+PRESETS.update({
+    "tiny-gpt": ModelConfig(name="tiny-gpt", vocab_size=0, d_model=128, n_layer=4, n_head=4, d_ff=512,
+                            max_seq_len=256, **_GPT2),  # type: ignore[arg-type]
+    "small-gpt": ModelConfig(name="small-gpt", vocab_size=0, d_model=384, n_layer=6, n_head=6, d_ff=1536,
+                             max_seq_len=256, **_GPT2),  # type: ignore[arg-type]
+    "small-llama": ModelConfig(name="small-llama", vocab_size=0, d_model=384, n_layer=6, n_head=6, n_kv_head=2,
+                               d_ff=1024, max_seq_len=256),
+    "tiny-bert": ModelConfig(name="tiny-bert", vocab_size=0, d_model=128, n_layer=4, n_head=4, d_ff=512,
+                             max_seq_len=256, **_BERT),  # type: ignore[arg-type]
+    "tiny-t5": ModelConfig(name="tiny-t5", vocab_size=0, d_model=128, n_layer=4, n_head=4, d_ff=512,
+                           max_seq_len=256, **_T5),  # type: ignore[arg-type]
+})

@@ -24,6 +24,7 @@ DEFAULT_SPECIALS: dict[str, list[str]] = {
     "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
     "unigram": ["<pad>", "</s>", "<unk>"],
 }
+UNIGRAM_SENTINELS = 100  # added after the learned vocabulary, as in T5's 32000 + 100
 # which of those fills which role in tokenizer_config.json
 ROLES: dict[str, dict[str, str]] = {
     "bpe": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
@@ -123,6 +124,8 @@ def train_tokenizer(
         backend.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
         )
+    if kind == "unigram":  # T5's span-corruption sentinels, as T5 numbers them: <extra_id_0> is the last id
+        backend.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(UNIGRAM_SENTINELS))])
     if kind == "unigram" and "</s>" in specials:  # T5 appends </s> to every input
         backend.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", backend.token_to_id("</s>"))]

@@ -1,1 +1,2 @@
-"""Data for training and inference: batching and padding (corpus preparation and datasets come with training)."""
+"""Data for training and inference: corpus preparation (prepare.py: text -> cleaned, deduplicated token shards;
+shards.py reads them back), batching and padding (collate.py)."""

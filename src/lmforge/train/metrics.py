@@ -1,0 +1,108 @@
+"""What a run leaves to read: metrics.jsonl (one record per step), loss.png, and a live progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON record per step. On resume, records past the checkpoint's step are dropped first, so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, keep_until: int, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _step(line) <= keep_until]
+            tmp = path.with_name(path.name + ".partial")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line from a kill mid-write: dropped
+
+
+class ProgressBar:
+    """rich: step i/n, loss, tokens/s, ETA; silent when disabled (other ranks, tests, --quiet)."""
+
+    def __init__(self, total: int, done: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(), console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task("train", total=total, completed=done, stats="")
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        if self.enabled:
+            self.progress.__exit__(kind, value, tb)
+
+    def update(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        stats = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
+        if "val_loss" in record:
+            stats += f"  val {record['val_loss']:.3f}"
+        self.progress.update(self.task, completed=record["step"], stats=stats)
+        if "val_loss" in record:
+            self.progress.console.print(f"step {record['step']}: train loss {record['loss']:.4f}, "
+                                        f"val loss {record['val_loss']:.4f}, val ppl {record['val_ppl']:.2f}")
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    """Train loss (raw and smoothed) and validation loss against tokens seen, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    smooth, avg = [], losses[0]
+    for x in losses:  # exponential moving average, as training dashboards show it
+        avg = 0.9 * avg + 0.1 * x
+        smooth.append(avg)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
+    ax.plot(steps, smooth, color="tab:blue", linewidth=1.5, label="train loss (EMA)")
+    val = [(r["step"], r["val_loss"]) for r in records if not math.isnan(r.get("val_loss", math.nan))]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
