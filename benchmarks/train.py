@@ -72,7 +72,7 @@ def lmforge_steps(model: Transformer, data: RandomTokens, args: argparse.Namespa
         tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=3e-4, warmup=10, eval_every=10**9,
                          save_every=10**9, precision=args.precision, compile=args.compile)
         # the loop's own timing of each optimizer step (data, forward, backward, clip, AdamW), read back from its log
-        train(model, _Offset(data, first), CausalLM(args.block).loss, tc, run, Dist(), progress=False)
+        train(model, _Offset(data, first), CausalLM(args.block).loss, tc, run, Dist(), progress=False, quiet=True)
         from lmforge.train.loop import read_metrics
 
         seconds = [r["seconds"] for r in read_metrics(f"{run}/metrics.jsonl")]

@@ -60,6 +60,7 @@ class ModelConfig:
     # heads besides the LM head
     # classification head when > 0: BERT's pooler + classifier; decoders a `score` Linear (1 = a reward/value head)
     n_labels: int = 0
+    label_names: list[str] = field(default_factory=list)  # id -> label text (HF id2label), when known
     mlm_head: bool = False
     pooling: Literal["mean", "cls", "none"] = "none"
     normalize_embeddings: bool = False

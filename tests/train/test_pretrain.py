@@ -224,3 +224,22 @@ def test_schedule_and_weight_decay_groups():
     assert {names[id(p)] for p in plain["params"]} >= {"tok_emb.weight", "pos_emb.weight", "dec_norm.weight",
                                                        "decoder.0.attn.qkv.bias"}
     assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_config_file_and_token_budget(datasets, tmp_path, capsys):
+    """A ModelConfig JSON (or an HF config.json) instead of a preset; --tokens sets the steps from the window."""
+    from lmforge.model_info import read_config
+
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"name": "mine", "d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1,
+                                  "d_ff": 64, "max_seq_len": 64, "vocab_size": 0}))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(datasets["clm"]), "--out", str(run), "--config", str(config),
+                 "--block-size", "32", "--batch-size", "4", "--tokens", "1k", "--quiet", "--sample-tokens", "0"]) == 0
+    assert len(read_metrics(run / "metrics.jsonl")) == 8  # ceil(1000 / (4 rows x 32 tokens))
+    cfg = read_config(run)[0]
+    assert (cfg.d_model, cfg.n_layer, cfg.n_kv_head, cfg.vocab_size, cfg.hf_model_type) == (32, 1, 1, 448, "llama")
+    capsys.readouterr()
+    config.write_text(json.dumps({"d_model": 32, "n_layers": 1}))
+    assert "unknown field(s) n_layers" in _fails(capsys, "pretrain", "--data", str(datasets["clm"]), "--out",
+                                                 str(tmp_path / "b"), "--config", str(config), "--steps", "1")

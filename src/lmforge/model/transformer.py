@@ -87,15 +87,33 @@ class Transformer(nn.Module):
         if cfg.mlm_head:  # BERT: dense -> act -> norm -> tied decoder + bias
             self.mlm_dense, self.mlm_norm = nn.Linear(cfg.d_model, cfg.d_model), Norm(cfg)
             self.mlm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
-        if cfg.n_labels and has_enc:  # BERT: tanh pooler over [CLS] -> linear classifier
-            self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
-            self.classifier = nn.Linear(cfg.d_model, cfg.n_labels)
-        if cfg.n_labels and not has_enc:  # decoders (HF *ForSequenceClassification): read at a chosen token
-            self.score = nn.Linear(cfg.d_model, cfg.n_labels, bias=False)
+        if cfg.n_labels:
+            self.add_label_head(cfg.n_labels)
         self.tie_weights()
+        self.grad_checkpointing = False  # training: recompute each block's activations in backward (less memory)
         if self.tok_emb.weight.device.type != "meta":
             init_weights(self)
         self.init_buffers()
+
+    def add_label_head(self, n_labels: int) -> None:
+        """Classification (or, with 1 label, a scalar reward/value) head; also how fine-tuning adds a fresh one
+        (normal(0, 0.02) init) to a pretrained model."""
+        self.cfg.n_labels = n_labels
+        d = self.cfg.d_model
+        device = self.tok_emb.weight.device
+        if self.encoder is not None:  # BERT: tanh pooler over [CLS] -> linear
+            self.pooler = nn.Linear(d, d, device=device)
+            self.classifier = nn.Linear(d, n_labels, device=device)
+            heads = [self.pooler, self.classifier]
+        else:  # decoders (HF *ForSequenceClassification): read at a chosen token
+            self.score = nn.Linear(d, n_labels, bias=False, device=device)
+            heads = [self.score]
+        if device.type != "meta":
+            with torch.no_grad():
+                for head in heads:
+                    nn.init.normal_(head.weight, 0.0, 0.02)
+                    if head.bias is not None:
+                        nn.init.zeros_(head.bias)
 
     def tie_weights(self) -> None:
         if self.lm_head is not None and self.cfg.tie_embeddings:
@@ -151,6 +169,13 @@ class Transformer(nn.Module):
 
     # ---- stacks --------------------------------------------------------------------------------
 
+    def run_block(self, block: Block, x: Tensor, *args: object) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
     def encoder_forward(
         self, tokens: Tensor, attention_mask: Tensor | None = None, token_types: Tensor | None = None
     ) -> Tensor:
@@ -168,7 +193,7 @@ class Transformer(nn.Module):
             pos = positions[:1]
             mask = self.with_bias(keep, self.relative_bias(self.enc_rel, pos, pos, bidirectional=True).to(x.dtype))
         for block in self.encoder:
-            x = block(x, mask)
+            x = self.run_block(block, x, mask)
         return self.enc_norm(x) if self.enc_norm is not None else x
 
     def decoder_mask(
@@ -240,7 +265,8 @@ class Transformer(nn.Module):
         if self.cfg.family == "encoder-decoder":
             memory_kv, memory_keep = self.cross_memory(memory, memory_mask, cache)
         for i, block in enumerate(self.decoder):
-            x = block(x, mask, rope, cache, i, memory_kv[i] if memory_kv else None, memory_keep, is_causal)
+            x = self.run_block(block, x, mask, rope, cache, i, memory_kv[i] if memory_kv else None, memory_keep,
+                               is_causal)
         return self.dec_norm(x) if self.dec_norm is not None else x
 
     # ---- heads ---------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, steps_required: bool =
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept (0 = all)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (sharded) instead of DDP")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no line per validation")
 
 
 def train_config(args: argparse.Namespace, steps: int) -> Any:
@@ -88,11 +88,35 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         sample_tokens=args.sample_tokens, device=args.device, resume=args.resume,
     )
     tc = train_config(args, args.steps or 0)  # with --tokens, pretrain sets the steps once it knows the window
-    last = pretrain(opts, tc, progress=not args.quiet and sys.stderr.isatty())
+    last = pretrain(opts, tc, progress=sys.stderr.isatty(), quiet=args.quiet)
     if last:
         nan = float("nan")
         print(f"done: step {last['step']}, train loss {last['loss']:.4f}, val loss {last.get('val_loss', nan):.4f}, "
               f"val perplexity {last.get('val_ppl', nan):.2f}; model in {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmforge.errors import LmforgeError
+    from lmforge.train.finetune import FinetuneOptions, finetune, format_result
+
+    if args.steps is not None and args.epochs is not None:
+        raise LmforgeError("give --steps or --epochs, not both")
+    if args.micro_batch and args.batch_size % args.micro_batch:
+        raise LmforgeError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch}")
+    opts = FinetuneOptions(
+        model=args.model, data=Path(args.data), task=args.task, out=Path(args.out), method=args.method,
+        val_data=Path(args.val_data) if args.val_data else None, val_fraction=args.val_fraction,
+        max_len=args.max_len, epochs=args.epochs if args.epochs is not None else 1.0, rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lora_dropout=args.lora_dropout,
+        targets=[t for item in args.target for t in item.split(",") if t] or ["all-linear"], merge=args.merge,
+        grad_checkpointing=args.grad_checkpointing, device=args.device, resume=args.resume,
+    )
+    for path in [opts.data, opts.val_data]:
+        if path is not None and not path.exists():
+            raise LmforgeError(f"no such file or folder: {path}")
+    result = finetune(opts, train_config(args, args.steps or 0), progress=sys.stderr.isatty(), quiet=args.quiet)
+    print(format_result(result))
     return 0
 
 
@@ -116,3 +140,32 @@ def add_train_commands(subparsers: Any) -> None:
     p.add_argument("--sample-tokens", type=int, default=48, help="0 = no samples")
     add_train_args(p, lr=6e-4)
     p.set_defaults(func=cmd_pretrain)
+
+    from lmforge.weights.registry import DEFAULT_CHAT_MODEL
+
+    p = subparsers.add_parser(
+        "finetune", help="adapt a pretrained model (LoRA or full): instruct, chat, domain, classify, seq2seq",
+        description="Fine-tune a model on JSONL rows (instruct: instruction/input/output or prompt/completion; chat: "
+        "messages; classify: text/label; seq2seq: source/target) or text files (domain), through the same loop as "
+        "pretrain. LoRA writes OUT/adapter (PEFT format) and, with --merge, OUT/merged (an HF folder).",
+    )
+    p.add_argument("--model", "-m", default=DEFAULT_CHAT_MODEL, help="short name, GGUF file, HF folder or hub id")
+    p.add_argument("--data", required=True, help="JSONL file (or text files/folder for --task domain)")
+    p.add_argument("--task", required=True, choices=["instruct", "chat", "domain", "classify", "seq2seq"])
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--method", choices=["lora", "full"], default="lora")
+    p.add_argument("--val-data", help="validation rows (default: --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=_rate, default=0.1)
+    p.add_argument("--max-len", type=_positive, default=512, help="tokens per row (longer rows are cut, and counted)")
+    p.add_argument("--steps", type=_positive, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=_rate, help="passes over the training rows (default 1)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", "-r", type=_positive, default=8)
+    g.add_argument("--alpha", type=_rate, default=None, help="scale = alpha / rank (default: 2 x rank)")
+    g.add_argument("--lora-dropout", type=_rate, default=0.0)
+    g.add_argument("--target", action="append", default=[],
+                   help="module names as the HF checkpoint calls them (q_proj,v_proj ...); default all-linear")
+    g.add_argument("--merge", action="store_true", help="also write OUT/merged: the base with the adapter folded in")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    add_train_args(p, lr=2e-4)
+    p.set_defaults(func=cmd_finetune, eval_every=0, save_every=200)

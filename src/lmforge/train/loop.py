@@ -140,10 +140,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _full_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state on CPU (gathered from every rank under FSDP)."""
+    """Unsharded model and optimizer state on CPU (gathered from every rank under FSDP). With a frozen base
+    (LoRA) only the trainable weights: the base is the checkpoint the run started from, not worth copying."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=d.world > 1))
+    model_state, opt_state = get_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=d.world > 1))
+    frozen = _frozen_names(model)
+    return {k: v for k, v in model_state.items() if k not in frozen}, opt_state
+
+
+def _frozen_names(model: nn.Module) -> set[str]:
+    unwrapped = getattr(model, "module", model)  # DDP's names carry "module."; state dict keys do not
+    trainable = {id(p) for p in unwrapped.parameters() if p.requires_grad}
+    return {n for n, p in unwrapped.named_parameters(remove_duplicate=False) if id(p) not in trainable}
 
 
 def full_model_state(model: nn.Module, d: Dist) -> dict[str, Tensor]:
@@ -182,7 +192,8 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, d:
     except Exception as e:
         raise LmforgeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False,
+                                            strict=not _frozen_names(model)))
     rng = ckpt["rng"]
     _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
     return ckpt
@@ -255,10 +266,12 @@ def train(
     run_info: dict[str, Any] | None = None,
     on_eval: Callable[[nn.Module, int], dict[str, Any]] | None = None,
     progress: bool = True,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Train `model` (already on d.device) for cfg.steps optimizer steps; metrics and checkpoints go to run_dir.
 
     `on_eval(model, step)` runs on rank 0 after each validation (e.g. sample texts) and its dict is logged.
+    `progress`: a live bar (on a terminal); `quiet`: not even a line per validation.
     Returns the last metrics record. Ctrl-C saves a checkpoint of the last finished step, then re-raises.
     """
     run_dir = Path(run_dir)
@@ -277,7 +290,7 @@ def train(
     if resume and (found := checkpoints(ckpt_dir)):
         start = int(load_checkpoint(found[-1][1], net, opt, d)["step"])
     log = MetricsLog(run_dir / "metrics.jsonl", keep_until=start, enabled=d.rank == 0)
-    bar = ProgressBar(cfg.steps, start, enabled=progress and d.rank == 0)
+    bar = ProgressBar(cfg.steps, start, live=progress, quiet=quiet or d.rank != 0)
     extra = {"train_config": asdict(cfg), "run": run_info or {}}
     record: dict[str, Any] = {}
     finished = start

@@ -39,40 +39,36 @@ def _step(line: str) -> int:
 
 
 class ProgressBar:
-    """rich: step i/n, loss, tokens/s, ETA; silent when disabled (other ranks, tests, --quiet)."""
+    """rich: step i/n, loss, tokens/s, ETA, live on a terminal (`live`); each validation also prints one line,
+    so a run logged to a file shows its progress too. Silent on other ranks and with --quiet."""
 
-    def __init__(self, total: int, done: int, enabled: bool = True) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
+    def __init__(self, total: int, done: int, live: bool = True, quiet: bool = False) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        self.quiet, self.console = quiet, Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(), console=Console(stderr=True),
+            TimeRemainingColumn(), console=self.console, disable=quiet or not live,
         )
         self.task = self.progress.add_task("train", total=total, completed=done, stats="")
 
     def __enter__(self) -> ProgressBar:
-        if self.enabled:
-            self.progress.__enter__()
+        self.progress.__enter__()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
-        if self.enabled:
-            self.progress.__exit__(kind, value, tb)
+        self.progress.__exit__(kind, value, tb)
 
     def update(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         stats = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
-        if "val_loss" in record:
-            stats += f"  val {record['val_loss']:.3f}"
         self.progress.update(self.task, completed=record["step"], stats=stats)
-        if "val_loss" in record:
-            self.progress.console.print(f"step {record['step']}: train loss {record['loss']:.4f}, "
-                                        f"val loss {record['val_loss']:.4f}, val ppl {record['val_ppl']:.2f}")
+        if "val_loss" in record and not self.quiet:
+            line = (f"step {record['step']}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                    f"val ppl {record['val_ppl']:.2f}, {record['tokens_per_s']:,.0f} tok/s")
+            if "sample" in record:
+                line += f"\n  sample: {record['sample']!r}"
+            self.console.print(line, highlight=False, markup=False)
 
 
 def plot_losses(metrics: Path, out: Path) -> None:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist as distributed
 from lmforge.train.loop import TrainConfig, checkpoints, full_model_state, train
 from lmforge.train.objectives import FAMILY, Batch, Objective, make_objective
+from lmforge.train.runs import LOOP_KEYS, export_into, open_run
 
 DEFAULT_OBJECTIVE = {family: name for name, family in FAMILY.items()}
 VAL_ROWS = 64  # validation windows (at most): a fixed, repeatable set
@@ -159,50 +157,27 @@ def _fingerprint(data_dir: Path) -> str:
     return hashlib.sha256((data_dir / "meta.json").read_bytes()).hexdigest()[:16]
 
 
-# what must match for --resume to continue the same run (steps may grow: the schedule follows)
-RESUME_KEYS = ("model", "objective", "data", "block_size", "batch_size", "micro_batch_rows", "seed", "lr", "min_lr",
-               "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "precision")
+RESUME_KEYS = ("model", "objective", "data", "block_size", *LOOP_KEYS)
 
 
 def _run_record(cfg: ModelConfig, objective: str, block: int, data_dir: Path, tc: TrainConfig) -> dict[str, Any]:
-    t = asdict(tc)
+    t = {**asdict(tc), "micro_batch_rows": tc.micro_batch}
     return {"model": cfg.to_dict(), "objective": objective, "data": _fingerprint(data_dir),
-            "data_dir": str(data_dir.resolve()), "block_size": block, "micro_batch_rows": tc.micro_batch,
-            **{k: t[k] for k in RESUME_KEYS if k in t}, "steps": tc.steps}
+            "data_dir": str(data_dir.resolve()), "block_size": block, **{k: t[k] for k in LOOP_KEYS},
+            "steps": tc.steps}
 
 
-def _check_run_folder(out: Path, record: dict[str, Any], resume: bool) -> bool:
-    """Whether there is a run to continue; refuses to touch a folder that holds another run."""
-    run_file = out / "run.json"
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"{out} is a file, not a run folder")
-    if not run_file.exists():
-        if out.exists() and any(out.iterdir()):
-            raise LmforgeError(f"{out} exists and is not a run folder: choose a new --out")
-        return False
-    if not resume:
-        raise LmforgeError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    try:
-        old = json.loads(run_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"cannot read {run_file}: {e}") from None
-    changed = [k for k in RESUME_KEYS if old.get(k) != record.get(k)]
-    if changed:
-        raise LmforgeError(f"cannot resume {out}: it was started with another {', '.join(changed)} "
-                           "(use the same options, or a new --out)")
-    return True
-
-
-def pretrain(opts: PretrainOptions, tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
+def pretrain(opts: PretrainOptions, tc: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Train from scratch; returns the last metrics record (val_loss, val_ppl, ...)."""
     d = distributed.setup(opts.device)
     try:
-        return _pretrain(opts, tc, d, progress)
+        return _pretrain(opts, tc, d, progress, quiet)
     finally:
         distributed.teardown(d)
 
 
-def _pretrain(opts: PretrainOptions, tc: TrainConfig, d: distributed.Dist, progress: bool) -> dict[str, Any]:
+def _pretrain(opts: PretrainOptions, tc: TrainConfig, d: distributed.Dist, progress: bool, quiet: bool
+              ) -> dict[str, Any]:
     data_dir, out = Path(opts.data), Path(opts.out)
     meta = read_meta(data_dir)
     tok = Tokenizer.from_dir(data_dir)
@@ -222,30 +197,18 @@ def _pretrain(opts: PretrainOptions, tc: TrainConfig, d: distributed.Dist, progr
     if tc.steps < 1:
         raise LmforgeError("give --steps or --tokens")
     record = _run_record(cfg, objective_name, block, data_dir, tc)
-    resuming = _check_run_folder(out, record, opts.resume)
-    distributed.barrier(d)  # every rank has looked at RUN before rank 0 writes into it
-    if d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "run.json", record)
-        (out / "checkpoints").mkdir(exist_ok=True)
-    distributed.barrier(d)
+    resuming = open_run(out, record, opts.resume, RESUME_KEYS, d)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = Transformer(cfg).to(d.device)
     if resuming and not checkpoints(out / "checkpoints") and d.rank == 0:
         print(f"note: {out} has no checkpoint yet: starting from step 0")
     on_eval = _sampler(tok, opts) if cfg.family == "decoder" and opts.sample_tokens else None
     last = train(model, data, objective.loss, tc, out, d, resume=resuming, run_info={"pretrain": record},
-                 on_eval=on_eval, progress=progress)
+                 on_eval=on_eval, progress=progress, quiet=quiet)
     state = full_model_state(model, d)  # collective under FSDP: every rank takes part
     if d.rank == 0:
-        export_run(cfg, state, tok, out)
+        export_into(out, cfg, state, tok)
     return last
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _sampler(tok: Tokenizer, opts: PretrainOptions) -> Any:
@@ -263,19 +226,3 @@ def _sampler(tok: Tokenizer, opts: PretrainOptions) -> Any:
         return {"sample": opts.sample_prompt + text}
 
     return sample
-
-
-def export_run(cfg: ModelConfig, state: dict[str, torch.Tensor], tok: Tokenizer, out: Path) -> None:
-    """The trained weights as an HF folder's files in RUN itself, each file renamed into place when complete."""
-    from lmforge.weights.check import meta_model
-    from lmforge.weights.load import build, export_hf
-
-    tied = set(meta_model(cfg).tied_names())
-    model = build(cfg, {k: v for k, v in state.items() if k not in tied}, torch.float32, "cpu", inference=False)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
-        export_hf(model.eval(), tok, Path(tmp))
-        for path in sorted(Path(tmp).iterdir()):
-            target = out / path.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(path, target)

@@ -106,14 +106,17 @@ def _config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
     if kind == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise LmforgeError("only absolute position embeddings are supported for BERT")
+        classifier = "id2label" in hf and any(
+            a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+        id2label = hf.get("id2label") or {} if classifier else {}
         return ModelConfig(
             **common, family="encoder", d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
             n_head=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
             max_seq_len=hf["max_position_embeddings"], pos="learned", n_token_types=hf.get("type_vocab_size", 2),
             norm="layer", norm_eps=hf.get("layer_norm_eps", 1e-12), post_norm=True, gated_mlp=False,
             act=ACT_FROM_HF[hf.get("hidden_act", "gelu")], qkv_bias=True, attn_out_bias=True, mlp_bias=True,
-            pad_token_id=hf.get("pad_token_id", 0), n_labels=len(hf.get("id2label") or {}) if "id2label" in hf
-            and any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []) else 0,
+            pad_token_id=hf.get("pad_token_id", 0), n_labels=len(id2label),
+            label_names=[str(id2label[k]) for k in sorted(id2label, key=int)],
             mlm_head=any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in hf.get("architectures") or []),
         )
     if kind == "t5":
@@ -180,8 +183,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             position_embedding_type="absolute",
         )
         if cfg.n_labels:
-            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.n_labels)}
-            hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.n_labels)}
+            names = cfg.label_names if len(cfg.label_names) == cfg.n_labels else [f"LABEL_{i}" for i in
+                                                                                  range(cfg.n_labels)]
+            hf["id2label"] = {str(i): name for i, name in enumerate(names)}
+            hf["label2id"] = {name: i for i, name in enumerate(names)}
         return hf
     if kind == "t5":
         act = "gelu" if cfg.act == "gelu_tanh" else cfg.act

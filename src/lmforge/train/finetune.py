@@ -1,0 +1,252 @@
+"""`lmforge finetune`: adapt a pretrained model (full or LoRA) on instruction, dialog, domain, classification or
+seq2seq data, through the one training loop.
+
+OUT holds run.json, checkpoints/ (only the trainable weights under LoRA), metrics.jsonl, loss.png, labels.json
+(classification), and the result: with LoRA an `adapter/` folder in PEFT's format (plus `merged/`, a standalone
+HF folder, with --merge); with full fine-tuning OUT itself is the HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import dist as distributed
+from lmforge.train.loop import IGNORE, TrainConfig, evaluate, full_model_state, pick_precision, train
+from lmforge.train.objectives import cross_entropy_sum
+from lmforge.train.runs import LOOP_KEYS, export_into, open_run, write_json
+
+Batch = dict[str, Tensor]
+TASKS = ("instruct", "chat", "domain", "classify", "seq2seq")
+FAMILIES = {"instruct": ("decoder",), "chat": ("decoder",), "domain": ("decoder",),
+            "classify": ("encoder", "decoder"), "seq2seq": ("encoder-decoder",)}
+
+
+@dataclass
+class FinetuneOptions:
+    model: str
+    data: Path
+    task: str
+    out: Path
+    method: str = "lora"  # lora | full
+    val_data: Path | None = None
+    val_fraction: float = 0.1
+    max_len: int = 512
+    epochs: float = 1.0  # used when TrainConfig.steps is 0
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    merge: bool = False
+    grad_checkpointing: bool = False
+    device: str = "auto"
+    resume: bool = False
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Summed next-token cross-entropy; the batch's labels are already the next tokens (-100: no loss)."""
+    return cross_entropy_sum(model(batch["tokens"], attention_mask=batch.get("attention_mask")), batch["labels"])
+
+
+def classify_loss(model: nn.Module, batch: Batch) -> Tensor:
+    return F.cross_entropy(class_logits(model, batch).float(), batch["labels"], reduction="sum")
+
+
+def class_logits(model: nn.Module, batch: Batch) -> Tensor:
+    mask = batch["attention_mask"]
+    return model(batch["tokens"], attention_mask=mask, head="classify")  # (B, n_labels)
+
+
+def seq2seq_loss(model: nn.Module, batch: Batch) -> Tensor:
+    logits = model(batch["tokens"], attention_mask=batch["attention_mask"], decoder_tokens=batch["decoder_tokens"])
+    return cross_entropy_sum(logits, batch["labels"])
+
+
+LOSSES = {"instruct": lm_loss, "chat": lm_loss, "domain": lm_loss, "classify": classify_loss, "seq2seq": seq2seq_loss}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: list[Batch], task: str, device: torch.device) -> float:
+    """Classification: share of rows whose top class is the label. LM tasks: share of trained tokens predicted
+    exactly (greedy next token)."""
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if task == "classify":
+            pred, gold = class_logits(model, batch).argmax(-1), batch["labels"]
+        elif task == "seq2seq":
+            logits = model(batch["tokens"], attention_mask=batch["attention_mask"],
+                           decoder_tokens=batch["decoder_tokens"])
+            pred, gold = logits.argmax(-1), batch["labels"]
+        else:
+            logits = model(batch["tokens"], attention_mask=batch.get("attention_mask"))
+            pred, gold = logits.argmax(-1), batch["labels"]
+        keep = gold != IGNORE
+        right += int((pred[keep] == gold[keep]).sum())
+        total += int(keep.sum())
+    model.train(was_training)
+    return right / total if total else float("nan")
+
+
+RESUME_KEYS = ("model", "task", "method", "data", "val_data", "max_len", "lora", *LOOP_KEYS)
+
+
+def _run_record(opts: FinetuneOptions, tc: TrainConfig) -> dict[str, Any]:
+    t = {**asdict(tc), "micro_batch_rows": tc.micro_batch}
+    lora = {"r": opts.rank, "alpha": opts.alpha, "dropout": opts.lora_dropout, "targets": opts.targets}
+    return {"model": opts.model, "task": opts.task, "method": opts.method, "data": _file_id(opts.data),
+            "val_data": _file_id(opts.val_data) if opts.val_data else None, "max_len": opts.max_len,
+            "lora": lora if opts.method == "lora" else None, **{k: t[k] for k in LOOP_KEYS}, "steps": tc.steps}
+
+
+def _file_id(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def finetune(opts: FinetuneOptions, tc: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Fine-tune; returns the final validation metrics (loss, perplexity, accuracy) and the run's paths."""
+    d = distributed.setup(opts.device)
+    try:
+        return _finetune(opts, tc, d, progress, quiet)
+    finally:
+        distributed.teardown(d)
+
+
+def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progress: bool, quiet: bool
+              ) -> dict[str, Any]:
+    from lmforge.data.sft import SFTData, load_task, pad_id_for, split
+    from lmforge.weights.load import load
+
+    if opts.task not in TASKS:
+        raise LmforgeError(f"unknown task {opts.task!r} ({', '.join(TASKS)})")
+    if opts.method not in ("lora", "full"):
+        raise LmforgeError(f"unknown method {opts.method!r} (lora, full)")
+    model, tok = load(opts.model, torch.float32, d.device, inference=False)
+    cfg = model.cfg
+    if cfg.family not in FAMILIES[opts.task]:
+        raise LmforgeError(f"task {opts.task} is for {' or '.join(FAMILIES[opts.task])} models; {opts.model} is "
+                           f"a {cfg.family} model")
+    if opts.task == "classify" and cfg.family == "decoder":
+        raise LmforgeError("classify on a decoder: use --task instruct with the label text as the output "
+                           "(label words); the classification head is for encoders")
+    max_len = min(opts.max_len, cfg.max_seq_len)
+    train_set = load_task(opts.task, opts.data, tok, max_len)
+    labels = train_set.labels if opts.task == "classify" else None
+    notes = train_set.notes()
+    if opts.val_data is not None:
+        val_set = load_task(opts.task, opts.val_data, tok, max_len, labels=labels)
+        train_rows, val_rows = list(train_set), list(val_set)
+        notes += val_set.notes()
+    else:
+        train_rows, val_rows = split(list(train_set), opts.val_fraction, tc.seed)
+    if not val_rows:
+        raise LmforgeError(f"no validation rows: {opts.data} has {len(train_rows)} rows; give --val-data or a "
+                           "larger --val-fraction")
+    for note in notes if d.rank == 0 and not quiet else []:
+        print(f"note: {note}")
+    if labels is not None:
+        model.add_label_head(len(labels))
+        model.cfg.label_names = [str(label) for label in labels]
+    data = SFTData(train_rows, val_rows, tc.batch_size, tc.seed, pad_id_for(tok))
+    if not tc.steps:
+        tc.steps = max(1, math.ceil(opts.epochs * len(train_rows) / tc.batch_size))
+    report = _prepare_model(model, opts, labels)
+    model.grad_checkpointing = opts.grad_checkpointing
+    out = Path(opts.out)
+    resuming = open_run(out, _run_record(opts, tc), opts.resume, RESUME_KEYS, d)
+    if d.rank == 0:
+        if labels is not None:
+            write_json(out / "labels.json", [str(label) for label in labels])
+        if report and not quiet:
+            print(report)
+    loss = LOSSES[opts.task]
+    before = _validate(model, data, loss, opts.task, tc, d) if not resuming else None
+    train(model, data, loss, tc, out, d, resume=resuming, progress=progress, quiet=quiet,
+          run_info={"finetune": _run_record(opts, tc)})
+    after = _validate(model, data, loss, opts.task, tc, d)
+    result = {"before": before, "after": after, "train_rows": len(train_rows), "val_rows": len(val_rows),
+              "steps": tc.steps, "trainable": str(report) if report else "all parameters"}
+    _save_result(model, tok, opts, labels, d, result)
+    return result
+
+
+def _prepare_model(model: nn.Module, opts: FinetuneOptions, labels: list[str] | None) -> Any:
+    """LoRA: freeze the base and swap in adapters (a fresh classification head trains in full)."""
+    if opts.method == "full":
+        return None
+    from lmforge.train.lora import LoRAConfig, add_lora
+
+    heads = ["pooler", "classifier"] if labels is not None else []
+    return add_lora(model, LoRAConfig(r=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
+                                      targets=list(opts.targets), modules_to_save=heads))
+
+
+def _validate(model: nn.Module, data: Any, loss: Any, task: str, tc: TrainConfig, d: distributed.Dist
+              ) -> dict[str, float]:
+    dtype = pick_precision(tc.precision, d.device)
+    val_loss = evaluate(model, data, loss, tc, d, dtype)
+    metrics = {"loss": val_loss, "accuracy": accuracy(model, data.val_batches(), task, d.device)}
+    if task != "classify":
+        metrics["perplexity"] = math.exp(min(val_loss, 50))
+    return metrics
+
+
+def _save_result(model: nn.Module, tok: Tokenizer, opts: FinetuneOptions, labels: list[str] | None,
+                 d: distributed.Dist, result: dict[str, Any]) -> None:
+    out = Path(opts.out)
+    model.eval()
+    if opts.method == "full":
+        state = full_model_state(model, d)
+        if d.rank == 0:
+            export_into(out, model.cfg, state, tok)
+            result["model_dir"] = str(out)
+    elif d.rank == 0:
+        from lmforge.train.lora import merge_lora, save_adapter
+
+        save_adapter(model, out / "adapter", opts.model)
+        tok.save(out / "adapter")
+        result["adapter_dir"] = str(out / "adapter")
+        if opts.merge:
+            merge_lora(model)
+            export_into(out / "merged", model.cfg, {k: v.detach().cpu() for k, v in model.state_dict().items()}, tok)
+            result["model_dir"] = str(out / "merged")
+    if d.rank == 0:
+        write_json(out / "result.json", result)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The final validation table: before / after for each metric."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"validation ({result['val_rows']} rows; trained {result['steps']} steps on "
+                        f"{result['train_rows']} rows)")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    before = result.get("before") or {}
+    for name, value in result["after"].items():
+        fmt = "{:.1%}" if name == "accuracy" else "{:.4f}" if name == "loss" else "{:.2f}"
+        table.add_row(name, fmt.format(before[name]) if name in before else "-", fmt.format(value))
+    buf = StringIO()
+    Console(file=buf, width=100).print(table)
+    return buf.getvalue() + json.dumps({k: v for k, v in result.items() if k.endswith("_dir")})
