@@ -6,8 +6,11 @@ UnicodeError later on, nor lone surrogates written back out. Imports nothing hea
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import LmforgeError
 
@@ -65,3 +68,35 @@ def check_arguments(texts: list[str]) -> list[str]:
 def _escaped_only(text: str) -> bool:
     """Whether every surrogate in text is one surrogateescape makes (U+DC80..U+DCFF)."""
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any], int]]:
+    """(line number, row, the line's bytes) for every non-blank line of a JSONL file, read as a stream; a line
+    that is not UTF-8 or not a JSON object is an LmforgeError naming the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        raise LmforgeError(f"{path} is a folder, not a JSONL file")
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise LmforgeError(f"no such file: {path}") from None
+    except OSError as e:
+        raise LmforgeError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path} line {number}"
+            line = decode_utf8(raw, where).removeprefix("\ufeff").strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise LmforgeError(f"{where}: expected a JSON object, got {json_type(row)}")
+            yield number, row, len(raw)
+
+
+def json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)

@@ -366,7 +366,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tok_dir, tmp_path, capsys)
         ([str(tmp_path / "latin1.txt")], tok, "latin1.txt is not valid UTF-8 (byte 0xe9 at offset 3)"),
         ([str(tmp_path / "nul.txt")], tok, "nul.txt looks like a binary file (NUL byte at offset 3)"),
         ([str(tmp_path / "rows.jsonl")], tok, "rows.jsonl line 2 has no field 'text'"),
-        ([str(tmp_path / "bad.jsonl")], tok, "bad.jsonl line 2 is not valid JSON"),
+        ([str(tmp_path / "bad.jsonl")], tok, "bad.jsonl line 2: not valid JSON"),
         ([str(tmp_path / "t.parquet")], tok, "t.parquet has no column 'text' (columns: content"),
         ([str(tmp_path / "short.txt")], tok, "no documents left: all 1 were dropped (1 too short)"),
         ([str(good)], str(tmp_path / "nowhere"), "no such tokenizer file"),

@@ -113,3 +113,26 @@ def test_bad_finetune_input_is_one_line(base, tmp_path, capsys):
     assert "empty" in _fails(capsys, *args, "--data", str(empty), "--task", "instruct").lower()
     assert "classify on a decoder" in _fails(capsys, *args, "--data", str(good), "--task", "classify")
     assert not (tmp_path / "o").exists()
+
+
+def test_domain_and_seq2seq_tuning_lower_the_validation_loss(base, datasets, corpus, tmp_path):
+    """Domain: continued causal LM on text files. Seq2seq: a T5 (pre-trained here for a few steps) learns to
+    copy its input."""
+    from lmforge.train.pretrain import PretrainOptions, pretrain
+
+    tc = TrainConfig(steps=30, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=3, eval_every=0, save_every=30)
+    domain = finetune(FinetuneOptions(model=str(base), data=corpus, task="domain", out=tmp_path / "domain",
+                                      method="full", max_len=32), tc, progress=False, quiet=True)
+    assert domain["after"]["perplexity"] < 0.5 * domain["before"]["perplexity"]
+
+    t5 = tmp_path / "t5"
+    pretrain(PretrainOptions(data=datasets["span"], out=t5, preset="tiny-t5", block_size=32),
+             TrainConfig(steps=2, batch_size=4, save_every=2), progress=False, quiet=True)
+    words = sorted({w.strip(".") for f in corpus.iterdir() for w in f.read_text().split()})[:20]
+    items = [{"source": " ".join(words[i:i + 3]), "target": " ".join(words[i:i + 3])} for i in range(18)] * 3
+    data = write_rows(tmp_path / "copy.jsonl", items)
+    tc = TrainConfig(steps=40, batch_size=8, lr=3e-3, min_lr=3e-4, warmup=4, eval_every=0, save_every=40)
+    result = finetune(FinetuneOptions(model=str(t5), data=data, task="seq2seq", out=tmp_path / "copy",
+                                      method="full", val_data=data), tc, progress=False, quiet=True)
+    assert result["after"]["loss"] < 0.5 * result["before"]["loss"]
+    assert result["after"]["accuracy"] > result["before"]["accuracy"] + 0.3

@@ -22,7 +22,6 @@ the way objectives.CausalLM does (input = row[:-1], labels = the next tokens), s
 
 from __future__ import annotations
 
-import json
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from lmforge.data.collate import pad_batch
 from lmforge.data.sources import find_files, read_docs
 from lmforge.errors import LmforgeError
 from lmforge.generate import encode_prompt
-from lmforge.textio import decode_utf8
+from lmforge.textio import json_type, jsonl_rows
 from lmforge.tokenizer import Tokenizer
 
 IGNORE = -100  # the loop's "no loss here" (train/loop.py IGNORE)
@@ -118,33 +117,8 @@ def _s(n: int) -> str:
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-blank line; a line that is not a JSON object is an error naming it."""
-    path = Path(path)
-    if path.is_dir():
-        raise LmforgeError(f"{path} is a folder, not a JSONL file")
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise LmforgeError(f"no such file: {path}") from None
-    except OSError as e:
-        raise LmforgeError(f"cannot read {path}: {e.strerror or e}") from None
-    with f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path} line {number}"
-            line = decode_utf8(raw, where).removeprefix("\ufeff").strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise LmforgeError(f"{where}: expected a JSON object, got {_type(row)}")
-            yield number, row
-
-
-def _type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    for number, row, _ in jsonl_rows(path):
+        yield number, row
 
 
 def _text(row: dict[str, Any], key: str, where: str, optional: bool = False, allow_empty: bool = False) -> str:
@@ -155,7 +129,7 @@ def _text(row: dict[str, Any], key: str, where: str, optional: bool = False, all
             return ""
         raise LmforgeError(f"{where}: missing field {key!r}" if key not in row else f"{where}: {key!r} is null")
     if not isinstance(value, str):
-        raise LmforgeError(f"{where}: {key!r} must be a string, not {_type(value)}")
+        raise LmforgeError(f"{where}: {key!r} must be a string, not {json_type(value)}")
     if not allow_empty and not optional and not value.strip():
         raise LmforgeError(f"{where}: {key!r} is empty")
     return value
@@ -246,11 +220,11 @@ def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     if messages is None:
         raise LmforgeError(f"{where}: missing field 'messages'")
     if not isinstance(messages, list) or not messages:
-        raise LmforgeError(f"{where}: 'messages' must be a non-empty list, not {_type(messages)}")
+        raise LmforgeError(f"{where}: 'messages' must be a non-empty list, not {json_type(messages)}")
     out = []
     for i, m in enumerate(messages, 1):
         if not isinstance(m, dict):
-            raise LmforgeError(f"{where}: message {i} must be an object, not {_type(m)}")
+            raise LmforgeError(f"{where}: message {i} must be an object, not {json_type(m)}")
         role = m.get("role")
         if role not in ROLES:
             raise LmforgeError(f"{where}: message {i} has role {role!r} (expected system, user or assistant)")
@@ -439,10 +413,10 @@ def _classify_rows(path: Path, labels: list[Label] | None) -> tuple[list[tuple[i
             raise LmforgeError(f"{where}: missing field 'label'")
         label = row["label"]
         if isinstance(label, bool) or not isinstance(label, str | int):
-            raise LmforgeError(f"{where}: 'label' must be a string or an integer, not {_type(label)}")
+            raise LmforgeError(f"{where}: 'label' must be a string or an integer, not {json_type(label)}")
         if rows and type(label) is not type(rows[0][2]):
-            raise LmforgeError(f"{where}: label {label!r} is {_type(label)} but line {rows[0][0]}'s is "
-                               f"{_type(rows[0][2])}: use one type for all labels")
+            raise LmforgeError(f"{where}: label {label!r} is {json_type(label)} but line {rows[0][0]}'s is "
+                               f"{json_type(rows[0][2])}: use one type for all labels")
         rows.append((n, text, label))
     _nonempty(rows, path)
     if labels is None:

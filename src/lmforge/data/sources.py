@@ -8,7 +8,6 @@ holds more than one document (or one parquet batch) in memory.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.textio import decode_utf8, read_text_file
+from lmforge.textio import jsonl_rows, read_text_file
 
 EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
 PARQUET_BATCH_ROWS = 1024
@@ -95,28 +94,14 @@ def _text_doc(path: Path) -> Doc:
 
 
 def _jsonl_docs(path: Path, field: str) -> Iterator[Doc]:
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise LmforgeError(f"cannot read {path}: {e.strerror or e}") from None
-    with f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path} line {number}"
-            line = decode_utf8(raw, where).removeprefix("\ufeff").strip()
-            if not line:  # blank lines separate nothing: they are not documents
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{where} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise LmforgeError(f"{where} is not a JSON object")
-            if field not in row:
-                raise LmforgeError(f"{where} has no field {field!r} (use --field to pick the text field)")
-            value = row[field]
-            if value is not None and not isinstance(value, str):
-                raise LmforgeError(f"{where}: field {field!r} is {type(value).__name__}, not text")
-            yield Doc(value or "", len(raw))
+    for number, row, nbytes in jsonl_rows(path):
+        where = f"{path} line {number}"
+        if field not in row:
+            raise LmforgeError(f"{where} has no field {field!r} (use --field to pick the text field)")
+        value = row[field]
+        if value is not None and not isinstance(value, str):
+            raise LmforgeError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+        yield Doc(value or "", nbytes)
 
 
 def _open_parquet(path: Path, field: str) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,16 @@ def setup(device: str = "auto") -> Dist:
 def teardown(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def session(device: str = "auto") -> Iterator[Dist]:
+    """setup() ... teardown(), whatever happens in between."""
+    d = setup(device)
+    try:
+        yield d
+    finally:
+        teardown(d)
 
 
 def barrier(d: Dist) -> None:

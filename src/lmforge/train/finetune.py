@@ -122,11 +122,8 @@ def _file_id(path: Path) -> str:
 
 def finetune(opts: FinetuneOptions, tc: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Fine-tune; returns the final validation metrics (loss, perplexity, accuracy) and the run's paths."""
-    d = distributed.setup(opts.device)
-    try:
+    with distributed.session(opts.device) as d:
         return _finetune(opts, tc, d, progress, quiet)
-    finally:
-        distributed.teardown(d)
 
 
 def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progress: bool, quiet: bool

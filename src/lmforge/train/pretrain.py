@@ -169,11 +169,8 @@ def _run_record(cfg: ModelConfig, objective: str, block: int, data_dir: Path, tc
 
 def pretrain(opts: PretrainOptions, tc: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Train from scratch; returns the last metrics record (val_loss, val_ppl, ...)."""
-    d = distributed.setup(opts.device)
-    try:
+    with distributed.session(opts.device) as d:
         return _pretrain(opts, tc, d, progress, quiet)
-    finally:
-        distributed.teardown(d)
 
 
 def _pretrain(opts: PretrainOptions, tc: TrainConfig, d: distributed.Dist, progress: bool, quiet: bool
