@@ -171,7 +171,7 @@ def run_domain(args: argparse.Namespace) -> None:
     rng.shuffle(files)
     out = ROOT / "finetune-domain"
     train_dir, val_dir = out / "train", out / "val"
-    for folder, chosen in ((train_dir, files[:60]), (val_dir, files[60:75])):
+    for folder, chosen in ((train_dir, files[:60]), (val_dir, files[60:68])):
         folder.mkdir(parents=True, exist_ok=True)
         for f in chosen:
             (folder / f.name.replace(".rst.txt", ".txt")).write_text(f.read_text(encoding="utf-8"))
@@ -191,11 +191,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("task", choices=["format", "classify", "domain"])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=None, help="default: 1e-3 (LoRA) / 5e-5 (classify, full)")
-    ap.add_argument("--epochs", type=float, default=3.0, help="classify")
+    ap.add_argument("--lr", type=float, default=None, help="default: 1e-3 (LoRA) / 2e-4 (classify, full)")
+    ap.add_argument("--epochs", type=float, default=5.0, help="classify")
     args = ap.parse_args()
     if args.lr is None:
-        args.lr = 5e-5 if args.task == "classify" else 1e-3
+        args.lr = 2e-4 if args.task == "classify" else 1e-3
     {"format": run_format, "classify": run_classify, "domain": run_domain}[args.task](args)
 
 

@@ -111,7 +111,7 @@ def test_bad_finetune_input_is_one_line(base, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert "empty" in _fails(capsys, *args, "--data", str(empty), "--task", "instruct").lower()
-    assert "classify on a decoder" in _fails(capsys, *args, "--data", str(good), "--task", "classify")
+    assert "missing field 'text'" in _fails(capsys, *args, "--data", str(good), "--task", "classify")
     assert not (tmp_path / "o").exists()
 
 
@@ -136,3 +136,17 @@ def test_domain_and_seq2seq_tuning_lower_the_validation_loss(base, datasets, cor
                                       method="full", val_data=data), tc, progress=False, quiet=True)
     assert result["after"]["loss"] < 0.5 * result["before"]["loss"]
     assert result["after"]["accuracy"] > result["before"]["accuracy"] + 0.3
+
+
+def test_a_decoder_classifies_with_label_words(base, tmp_path):
+    months = {"january", "february", "march", "april", "may", "june"}
+    words = ["january", "february", "march", "april", "may", "june", "monday", "tuesday", "one", "two", "three",
+             "friday"]
+    items = [{"text": f"{w} {i}", "label": "month" if w in months else "other"} for i in range(3) for w in words]
+    data = write_rows(tmp_path / "cls.jsonl", items)
+    tc = TrainConfig(steps=80, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=4, eval_every=0, save_every=80)
+    result = finetune(FinetuneOptions(model=str(base), data=data, task="classify", out=tmp_path / "run",
+                                      method="full", val_data=data), tc, progress=False, quiet=True)
+    assert result["before"]["accuracy"] == 0.0 and result["after"]["accuracy"] == 1.0
+    assert chat_answer(tmp_path / "run", "march 7").startswith("month")
+    assert chat_answer(tmp_path / "run", "friday 7").startswith("other")

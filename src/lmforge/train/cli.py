@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,16 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, steps_required: bool =
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no line per validation")
 
 
+@contextmanager
+def _interrupt_note(out: str) -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: the last finished step is checkpointed in {out}/checkpoints; rerun the same command "
+              "with --resume to continue", file=sys.stderr)
+        raise
+
+
 def train_config(args: argparse.Namespace, steps: int) -> Any:
     from lmforge.train.loop import TrainConfig
 
@@ -88,7 +100,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         sample_tokens=args.sample_tokens, device=args.device, resume=args.resume,
     )
     tc = train_config(args, args.steps or 0)  # with --tokens, pretrain sets the steps once it knows the window
-    last = pretrain(opts, tc, progress=sys.stderr.isatty(), quiet=args.quiet)
+    with _interrupt_note(args.out):
+        last = pretrain(opts, tc, progress=sys.stderr.isatty(), quiet=args.quiet)
     if last:
         nan = float("nan")
         print(f"done: step {last['step']}, train loss {last['loss']:.4f}, val loss {last.get('val_loss', nan):.4f}, "
@@ -115,7 +128,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     for path in [opts.data, opts.val_data]:
         if path is not None and not path.exists():
             raise LmforgeError(f"no such file or folder: {path}")
-    result = finetune(opts, train_config(args, args.steps or 0), progress=sys.stderr.isatty(), quiet=args.quiet)
+    with _interrupt_note(args.out):
+        result = finetune(opts, train_config(args, args.steps or 0), progress=sys.stderr.isatty(), quiet=args.quiet)
     print(format_result(result))
     return 0
 

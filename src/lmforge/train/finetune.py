@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist as distributed
-from lmforge.train.loop import IGNORE, TrainConfig, evaluate, full_model_state, pick_precision, train
+from lmforge.train.loop import IGNORE, TrainConfig, full_model_state, train
 from lmforge.train.objectives import cross_entropy_sum
 from lmforge.train.runs import LOOP_KEYS, export_into, open_run, write_json
 
@@ -52,51 +52,49 @@ class FinetuneOptions:
     resume: bool = False
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """Summed next-token cross-entropy; the batch's labels are already the next tokens (-100: no loss)."""
-    return cross_entropy_sum(model(batch["tokens"], attention_mask=batch.get("attention_mask")), batch["labels"])
+def logits_for(model: nn.Module, batch: Batch, task: str) -> Tensor:
+    """The model's scores for the batch's `labels`: (B, T, V) for the LM tasks (labels are already the next
+    tokens), (B, n_labels) for a classification head."""
+    if task == "classify":
+        return model(batch["tokens"], attention_mask=batch["attention_mask"], head="classify")
+    if task == "seq2seq":
+        return model(batch["tokens"], attention_mask=batch["attention_mask"], decoder_tokens=batch["decoder_tokens"])
+    return model(batch["tokens"], attention_mask=batch.get("attention_mask"))
 
 
-def classify_loss(model: nn.Module, batch: Batch) -> Tensor:
-    return F.cross_entropy(class_logits(model, batch).float(), batch["labels"], reduction="sum")
+def loss_for(task: str) -> Callable[[nn.Module, Batch], Tensor]:
+    """The loop's loss: summed cross-entropy over the targets (-100: none)."""
+    return lambda model, batch: cross_entropy_sum(logits_for(model, batch, task), batch["labels"])
 
 
-def class_logits(model: nn.Module, batch: Batch) -> Tensor:
-    mask = batch["attention_mask"]
-    return model(batch["tokens"], attention_mask=mask, head="classify")  # (B, n_labels)
-
-
-def seq2seq_loss(model: nn.Module, batch: Batch) -> Tensor:
-    logits = model(batch["tokens"], attention_mask=batch["attention_mask"], decoder_tokens=batch["decoder_tokens"])
-    return cross_entropy_sum(logits, batch["labels"])
-
-
-LOSSES = {"instruct": lm_loss, "chat": lm_loss, "domain": lm_loss, "classify": classify_loss, "seq2seq": seq2seq_loss}
+def correct(logits: Tensor, gold: Tensor, task: str) -> tuple[int, int]:
+    """(right, counted). Classification: rows whose top class is the label; label words: rows whose answer tokens
+    are all the greedy choice (what generating the answer gives); LM tasks: trained tokens predicted exactly."""
+    pred, keep = logits.argmax(-1), gold != IGNORE
+    if task == "label-words":
+        return int(((pred == gold) | ~keep).all(dim=1).sum()), len(gold)
+    return int((pred[keep] == gold[keep]).sum()), int(keep.sum())
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: list[Batch], task: str, device: torch.device) -> float:
-    """Classification: share of rows whose top class is the label. LM tasks: share of trained tokens predicted
-    exactly (greedy next token)."""
+def validate(model: nn.Module, batches: list[Batch], task: str, device: torch.device) -> dict[str, float]:
+    """Loss per target, accuracy and (LM tasks) perplexity over every validation batch, one forward pass each."""
     was_training = model.training
     model.eval()
-    right = total = 0
+    loss_sum, right, total, targets = 0.0, 0, 0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        if task == "classify":
-            pred, gold = class_logits(model, batch).argmax(-1), batch["labels"]
-        elif task == "seq2seq":
-            logits = model(batch["tokens"], attention_mask=batch["attention_mask"],
-                           decoder_tokens=batch["decoder_tokens"])
-            pred, gold = logits.argmax(-1), batch["labels"]
-        else:
-            logits = model(batch["tokens"], attention_mask=batch.get("attention_mask"))
-            pred, gold = logits.argmax(-1), batch["labels"]
-        keep = gold != IGNORE
-        right += int((pred[keep] == gold[keep]).sum())
-        total += int(keep.sum())
+        logits = logits_for(model, batch, task)
+        loss_sum += float(cross_entropy_sum(logits, batch["labels"]))
+        targets += int((batch["labels"] != IGNORE).sum())
+        r, n = correct(logits, batch["labels"], task)
+        right, total = right + r, total + n
     model.train(was_training)
-    return right / total if total else float("nan")
+    loss = loss_sum / targets if targets else float("nan")
+    metrics = {"loss": loss, "accuracy": right / total if total else float("nan")}
+    if task not in ("classify", "label-words"):
+        metrics["perplexity"] = math.exp(min(loss, 50))
+    return metrics
 
 
 RESUME_KEYS = ("model", "task", "method", "data", "val_data", "max_len", "lora", *LOOP_KEYS)
@@ -128,7 +126,7 @@ def finetune(opts: FinetuneOptions, tc: TrainConfig, progress: bool = True, quie
 
 def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progress: bool, quiet: bool
               ) -> dict[str, Any]:
-    from lmforge.data.sft import SFTData, load_task, pad_id_for, split
+    from lmforge.data.sft import SFTData, label_word_examples, load_task, pad_id_for, split
     from lmforge.weights.load import load
 
     if opts.task not in TASKS:
@@ -140,15 +138,21 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
     if cfg.family not in FAMILIES[opts.task]:
         raise LmforgeError(f"task {opts.task} is for {' or '.join(FAMILIES[opts.task])} models; {opts.model} is "
                            f"a {cfg.family} model")
-    if opts.task == "classify" and cfg.family == "decoder":
-        raise LmforgeError("classify on a decoder: use --task instruct with the label text as the output "
-                           "(label words); the classification head is for encoders")
+    # a decoder classifies with label words: the text as an instruction, the label's text as the answer
+    words = opts.task == "classify" and cfg.family == "decoder"
+    task = "label-words" if words else opts.task
     max_len = min(opts.max_len, cfg.max_seq_len)
-    train_set = load_task(opts.task, opts.data, tok, max_len)
+
+    def read(path: Path, labels: list | None = None) -> Any:
+        if words:
+            return label_word_examples(path, tok, max_len, labels=labels)
+        return load_task(opts.task, path, tok, max_len, labels=labels)
+
+    train_set = read(opts.data)
     labels = train_set.labels if opts.task == "classify" else None
     notes = train_set.notes()
     if opts.val_data is not None:
-        val_set = load_task(opts.task, opts.val_data, tok, max_len, labels=labels)
+        val_set = read(opts.val_data, labels)
         train_rows, val_rows = list(train_set), list(val_set)
         notes += val_set.notes()
     else:
@@ -158,13 +162,13 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
                            "larger --val-fraction")
     for note in notes if d.rank == 0 and not quiet else []:
         print(f"note: {note}")
-    if labels is not None:
+    if labels is not None and not words:
         model.add_label_head(len(labels))
         model.cfg.label_names = [str(label) for label in labels]
     data = SFTData(train_rows, val_rows, tc.batch_size, tc.seed, pad_id_for(tok))
     if not tc.steps:
         tc.steps = max(1, math.ceil(opts.epochs * len(train_rows) / tc.batch_size))
-    report = _prepare_model(model, opts, labels)
+    report = _prepare_model(model, opts, labels if not words else None)
     model.grad_checkpointing = opts.grad_checkpointing
     out = Path(opts.out)
     resuming = open_run(out, _run_record(opts, tc), opts.resume, RESUME_KEYS, d)
@@ -173,11 +177,12 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
             write_json(out / "labels.json", [str(label) for label in labels])
         if report and not quiet:
             print(report)
-    loss = LOSSES[opts.task]
-    before = _validate(model, data, loss, opts.task, tc, d) if not resuming else None
-    train(model, data, loss, tc, out, d, resume=resuming, progress=progress, quiet=quiet,
+    if tc.eval_every == 0:
+        tc.eval_every = -1  # the table below validates at the end; the loop need not do it again
+    before = validate(model, data.val_batches(), task, d.device) if not resuming else None
+    train(model, data, loss_for(task), tc, out, d, resume=resuming, progress=progress, quiet=quiet,
           run_info={"finetune": _run_record(opts, tc)})
-    after = _validate(model, data, loss, opts.task, tc, d)
+    after = validate(model, data.val_batches(), task, d.device)
     result = {"before": before, "after": after, "train_rows": len(train_rows), "val_rows": len(val_rows),
               "steps": tc.steps, "trainable": str(report) if report else "all parameters"}
     _save_result(model, tok, opts, labels, d, result)
@@ -193,16 +198,6 @@ def _prepare_model(model: nn.Module, opts: FinetuneOptions, labels: list[str] | 
     heads = ["pooler", "classifier"] if labels is not None else []
     return add_lora(model, LoRAConfig(r=opts.rank, alpha=opts.alpha, dropout=opts.lora_dropout,
                                       targets=list(opts.targets), modules_to_save=heads))
-
-
-def _validate(model: nn.Module, data: Any, loss: Any, task: str, tc: TrainConfig, d: distributed.Dist
-              ) -> dict[str, float]:
-    dtype = pick_precision(tc.precision, d.device)
-    val_loss = evaluate(model, data, loss, tc, d, dtype)
-    metrics = {"loss": val_loss, "accuracy": accuracy(model, data.val_batches(), task, d.device)}
-    if task != "classify":
-        metrics["perplexity"] = math.exp(min(val_loss, 50))
-    return metrics
 
 
 def _save_result(model: nn.Module, tok: Tokenizer, opts: FinetuneOptions, labels: list[str] | None,

@@ -60,7 +60,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = False
     seed: int = 1337
-    eval_every: int = 100  # 0 = only at the end
+    eval_every: int = 100  # 0 = only at the end, -1 = never (the caller validates)
     eval_batches: int = 0  # 0 = every validation batch the data gives
     save_every: int = 100
     keep: int = 2  # checkpoints kept on disk
@@ -302,7 +302,8 @@ def train(
                 record["seconds"] = time.perf_counter() - t0
                 record["tokens_per_s"] = cfg.batch_size * data.tokens_per_row / record["seconds"]
                 finished = step + 1
-                if finished % (cfg.eval_every or cfg.steps) == 0 or finished == cfg.steps:
+                at_end = finished == cfg.steps
+                if cfg.eval_every >= 0 and (at_end or (cfg.eval_every and finished % cfg.eval_every == 0)):
                     record["val_loss"] = evaluate(net, data, loss, cfg, d, dtype)
                     record["val_ppl"] = math.exp(min(record["val_loss"], 50))
                     if on_eval is not None and d.rank == 0:
