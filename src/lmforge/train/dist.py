@@ -82,9 +82,11 @@ def all_sum(t: Tensor, d: Dist) -> Tensor:
 
 
 def rank_rows(batch: dict[str, Tensor], d: Dist) -> dict[str, Tensor]:
-    """This rank's contiguous share of a global batch's rows."""
+    """This rank's contiguous share of a global batch's rows (training batches split evenly: the loop checks)."""
     if d.world == 1:
         return batch
     n = len(next(iter(batch.values())))
-    per = n // d.world
-    return {k: v[d.rank * per: (d.rank + 1) * per] for k, v in batch.items()}
+    # as tensor_split: the first n % world ranks take one row more, so no row is lost (a share may be empty)
+    start = d.rank * (n // d.world) + min(d.rank, n % d.world)
+    stop = start + n // d.world + (d.rank < n % d.world)
+    return {k: v[start:stop] for k, v in batch.items()}

@@ -97,14 +97,15 @@ def validate(model: nn.Module, batches: list[Batch], task: str, device: torch.de
     return metrics
 
 
-RESUME_KEYS = ("model", "task", "method", "data", "val_data", "max_len", "lora", *LOOP_KEYS)
+RESUME_KEYS = ("model", "task", "method", "data", "val_data", "val_fraction", "max_len", "lora", *LOOP_KEYS)
 
 
 def _run_record(opts: FinetuneOptions, tc: TrainConfig) -> dict[str, Any]:
     t = {**asdict(tc), "micro_batch_rows": tc.micro_batch}
     lora = {"r": opts.rank, "alpha": opts.alpha, "dropout": opts.lora_dropout, "targets": opts.targets}
     return {"model": opts.model, "task": opts.task, "method": opts.method, "data": _file_id(opts.data),
-            "val_data": _file_id(opts.val_data) if opts.val_data else None, "max_len": opts.max_len,
+            "val_data": _file_id(opts.val_data) if opts.val_data else None, "val_fraction": opts.val_fraction,
+            "max_len": opts.max_len,
             "lora": lora if opts.method == "lora" else None, **{k: t[k] for k in LOOP_KEYS}, "steps": tc.steps}
 
 
@@ -133,6 +134,9 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
         raise LmforgeError(f"unknown task {opts.task!r} ({', '.join(TASKS)})")
     if opts.method not in ("lora", "full"):
         raise LmforgeError(f"unknown method {opts.method!r} (lora, full)")
+    if opts.method == "lora" and tc.fsdp and d.world > 1:
+        raise LmforgeError("LoRA under FSDP is not supported: use DDP (leave out --fsdp); the frozen base is "
+                           "not trained, so sharding it saves little")
     model, tok = load(opts.model, torch.float32, d.device, inference=False)
     cfg = model.cfg
     if cfg.family not in FAMILIES[opts.task]:
@@ -155,6 +159,10 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
         val_set = read(opts.val_data, labels)
         train_rows, val_rows = list(train_set), list(val_set)
         notes += val_set.notes()
+    elif opts.task == "domain":  # blocks follow the documents: the last ones held out, so no text is in both
+        rows = list(train_set)
+        n_val = max(1, round(len(rows) * opts.val_fraction)) if len(rows) > 1 else 0
+        train_rows, val_rows = rows[: len(rows) - n_val], rows[len(rows) - n_val:]
     else:
         train_rows, val_rows = split(list(train_set), opts.val_fraction, tc.seed)
     if not val_rows:
@@ -162,7 +170,9 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
                            "larger --val-fraction")
     for note in notes if d.rank == 0 and not quiet else []:
         print(f"note: {note}")
+    torch.manual_seed(tc.seed)  # a fresh head and LoRA's A matrices: the same on every run (and rank)
     if labels is not None and not words:
+        _drop_mlm_head(model)  # unused by classification: DDP would wait for its gradients
         model.add_label_head(len(labels))
         model.cfg.label_names = [str(label) for label in labels]
     data = SFTData(train_rows, val_rows, tc.batch_size, tc.seed, pad_id_for(tok))
@@ -187,6 +197,12 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
               "steps": tc.steps, "trainable": str(report) if report else "all parameters"}
     _save_result(model, tok, opts, labels, d, result)
     return result
+
+
+def _drop_mlm_head(model: nn.Module) -> None:
+    if model.cfg.mlm_head:
+        del model.mlm_dense, model.mlm_norm, model.mlm_head
+        model.cfg.mlm_head = False
 
 
 def _prepare_model(model: nn.Module, opts: FinetuneOptions, labels: list[str] | None) -> Any:

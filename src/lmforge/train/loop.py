@@ -15,6 +15,8 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -75,7 +77,7 @@ class TrainConfig:
         warmup = self.warmup_steps
         if step < warmup:
             return self.lr * (step + 1) / warmup
-        span = max(self.steps - warmup, 1)
+        span = max(self.steps - warmup - 1, 1)  # the last step (steps - 1) reaches min_lr
         progress = min((step - warmup) / span, 1.0)
         return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
 
@@ -175,6 +177,8 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, opt: torch.optim.
     if d.rank != 0:
         return
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".step-*.pt.partial"):  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
     tmp = folder / f".step-{step:06d}.pt.partial"
     torch.save({"step": step, "model": model_state, "optimizer": opt_state, "rng": rng, **extra}, tmp)
     with open(tmp, "rb") as f:
@@ -191,9 +195,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, d:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise LmforgeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    frozen = _frozen_names(model)
+    unwrapped = getattr(model, "module", model)
+    missing = [n for n, p in unwrapped.named_parameters() if p.requires_grad and n not in ckpt["model"]]
+    if missing:
+        raise LmforgeError(f"checkpoint {path} lacks trainable weights ({', '.join(missing[:3])}...): it was "
+                           "written by another run")
     set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False,
-                                            strict=not _frozen_names(model)))
+                                            strict=not frozen))
     rng = ckpt["rng"]
     _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
     return ckpt
@@ -205,7 +215,7 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, d:
 def _micro_batches(rows: Batch, size: int) -> Iterator[Batch]:
     n = len(next(iter(rows.values())))
     size = size or n
-    for start in range(0, n, size):
+    for start in range(0, n, max(size, 1)):
         yield {k: v[start: start + size] for k, v in rows.items()}
 
 
@@ -272,7 +282,8 @@ def train(
 
     `on_eval(model, step)` runs on rank 0 after each validation (e.g. sample texts) and its dict is logged.
     `progress`: a live bar (on a terminal); `quiet`: not even a line per validation.
-    Returns the last metrics record. Ctrl-C saves a checkpoint of the last finished step, then re-raises.
+    Returns the last metrics record. Ctrl-C finishes the step under way, checkpoints it, then raises
+    KeyboardInterrupt.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -294,33 +305,52 @@ def train(
     extra = {"train_config": asdict(cfg), "run": run_info or {}}
     record: dict[str, Any] = {}
     finished = start
-    try:
-        with bar:
-            for step in range(start, cfg.steps):
-                t0 = time.perf_counter()
-                record = _one_step(net, opt, data, loss, cfg, d, dtype, step)
-                record["seconds"] = time.perf_counter() - t0
-                record["tokens_per_s"] = cfg.batch_size * data.tokens_per_row / record["seconds"]
-                finished = step + 1
-                at_end = finished == cfg.steps
-                if cfg.eval_every >= 0 and (at_end or (cfg.eval_every and finished % cfg.eval_every == 0)):
-                    record["val_loss"] = evaluate(net, data, loss, cfg, d, dtype)
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 50))
-                    if on_eval is not None and d.rank == 0:
-                        record.update(on_eval(model, finished))
-                log.write(record)
-                bar.update(record)
-                if finished % cfg.save_every == 0 or finished == cfg.steps:
-                    save_checkpoint(ckpt_dir, finished, net, opt, d, extra, cfg.keep)
-                    if d.rank == 0:
-                        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    except KeyboardInterrupt:
-        # one process: keep what was done (a collective save cannot be trusted while torchrun stops the ranks)
-        saved = [s for s, _ in checkpoints(ckpt_dir)]
-        if d.world == 1 and finished > start and finished not in saved:
-            save_checkpoint(ckpt_dir, finished, net, opt, d, extra, cfg.keep)
-        raise
+    stop = _StopAtStepEnd(enabled=d.world == 1)  # under torchrun, Ctrl-C stops every rank as it comes
+    with bar, stop:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            record = _one_step(net, opt, data, loss, cfg, d, dtype, step)
+            record["seconds"] = time.perf_counter() - t0
+            record["tokens_per_s"] = cfg.batch_size * data.tokens_per_row / record["seconds"]
+            finished = step + 1
+            at_end = finished == cfg.steps
+            if cfg.eval_every >= 0 and (at_end or (cfg.eval_every and finished % cfg.eval_every == 0)):
+                record["val_loss"] = evaluate(net, data, loss, cfg, d, dtype)
+                record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+                if on_eval is not None and d.rank == 0:
+                    record.update(on_eval(model, finished))
+            log.write(record)
+            bar.update(record)
+            if finished % cfg.save_every == 0 or finished == cfg.steps or stop.requested:
+                save_checkpoint(ckpt_dir, finished, net, opt, d, extra, cfg.keep)
+                if d.rank == 0:
+                    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            if stop.requested:
+                raise KeyboardInterrupt
     return record
+
+
+class _StopAtStepEnd:
+    """Ctrl-C during training: finish the step under way (so the checkpoint is exactly step N), then stop; a
+    second Ctrl-C stops at once. Only the main thread can take signals: elsewhere Ctrl-C acts as usual."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.requested = enabled, False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopAtStepEnd:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _one_step(net: nn.Module, opt: torch.optim.Optimizer, data: TrainData, loss: LossFn, cfg: TrainConfig,

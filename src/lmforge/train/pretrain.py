@@ -70,13 +70,13 @@ class WindowData:
         return self.objective.batch(self._windows(self.train, starts), gen)
 
     def val_batches(self) -> list[Batch]:
-        if self._val is None:
-            n = min(self.count(self.val), VAL_ROWS)
+        if self._val is None:  # the first VAL_ROWS windows (or one batch), in batches of the training size
+            n = min(self.count(self.val), max(VAL_ROWS, self.batch_size))
             starts = [i * self.stride for i in range(n)]
             self._val = [
                 self.objective.batch(self._windows(self.val, starts[i: i + self.batch_size]),
                                      torch.Generator().manual_seed(i))
-                for i in range(0, n - n % self.batch_size, self.batch_size)  # whole batches split over ranks
+                for i in range(0, n, self.batch_size)
             ]
         return self._val
 
@@ -187,6 +187,8 @@ def _pretrain(opts: PretrainOptions, tc: TrainConfig, d: distributed.Dist, progr
         raise LmforgeError(f"the data was tokenised with {meta['vocab_size']} ids, more than the model's "
                            f"vocab_size {cfg.vocab_size}")
     block = opts.block_size or cfg.max_seq_len
+    if block < 8:
+        raise LmforgeError(f"block size {block} is too small: use at least 8 tokens")
     objective = make_objective(objective_name, block, cfg.vocab_size, tok)
     data = WindowData(data_dir, objective, tc.batch_size, tc.seed)
     if opts.tokens:
@@ -199,7 +201,9 @@ def _pretrain(opts: PretrainOptions, tc: TrainConfig, d: distributed.Dist, progr
     model = Transformer(cfg).to(d.device)
     if resuming and not checkpoints(out / "checkpoints") and d.rank == 0:
         print(f"note: {out} has no checkpoint yet: starting from step 0")
-    on_eval = _sampler(tok, opts) if cfg.family == "decoder" and opts.sample_tokens else None
+    # samples decode on rank 0 alone: not under FSDP, whose forward needs every rank
+    sample = cfg.family == "decoder" and opts.sample_tokens and not (tc.fsdp and d.world > 1)
+    on_eval = _sampler(tok, opts) if sample else None
     last = train(model, data, objective.loss, tc, out, d, resume=resuming, run_info={"pretrain": record},
                  on_eval=on_eval, progress=progress, quiet=quiet)
     state = full_model_state(model, d)  # collective under FSDP: every rank takes part
