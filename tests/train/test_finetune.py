@@ -150,3 +150,34 @@ def test_a_decoder_classifies_with_label_words(base, tmp_path):
     assert result["before"]["accuracy"] == 0.0 and result["after"]["accuracy"] == 1.0
     assert chat_answer(tmp_path / "run", "march 7").startswith("month")
     assert chat_answer(tmp_path / "run", "friday 7").startswith("other")
+
+
+def test_lora_on_a_bf16_base_and_gradient_checkpointing(base, tmp_path):
+    """A bfloat16 frozen base still trains fp32 adapters; recomputing activations gives the same gradients."""
+    from lmforge.train.finetune import loss_for
+    from lmforge.train.lora import LoRAConfig, add_lora
+
+    data = write_rows(tmp_path / "train.jsonl", rows(24))
+    tc = TrainConfig(steps=20, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=0, save_every=20)
+    result = finetune(FinetuneOptions(model=str(base), data=data, task="instruct", out=tmp_path / "bf16",
+                                      base_dtype="bfloat16"), tc, progress=False, quiet=True)
+    assert result["after"]["loss"] < result["before"]["loss"] - 0.3
+
+    model, tok = load(base, inference=False)
+    add_lora(model, LoRAConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    from lmforge.data.sft import SFTData, instruct_examples, pad_id_for
+
+    examples = list(instruct_examples(data, tok, 64))
+    batch = SFTData(examples, examples[:2], 8, 0, pad_id_for(tok)).global_batch(0)
+    grads = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad()
+        loss_for("instruct")(model, batch).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

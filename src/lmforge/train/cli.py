@@ -123,7 +123,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         max_len=args.max_len, epochs=args.epochs if args.epochs is not None else 1.0, rank=args.rank,
         alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lora_dropout=args.lora_dropout,
         targets=[t for item in args.target for t in item.split(",") if t] or ["all-linear"], merge=args.merge,
-        grad_checkpointing=args.grad_checkpointing, device=args.device, resume=args.resume,
+        grad_checkpointing=args.grad_checkpointing, base_dtype=args.base_dtype, device=args.device,
+        resume=args.resume,
     )
     for path in [opts.data, opts.val_data]:
         if path is not None and not path.exists():
@@ -180,6 +181,8 @@ def add_train_commands(subparsers: Any) -> None:
     g.add_argument("--target", action="append", default=[],
                    help="module names as the HF checkpoint calls them (q_proj,v_proj ...); default all-linear")
     g.add_argument("--merge", action="store_true", help="also write OUT/merged: the base with the adapter folded in")
+    g.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the frozen base's precision (bfloat16: half the memory; slower on CPUs without AVX512-BF16)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     add_train_args(p, lr=2e-4)
     p.set_defaults(func=cmd_finetune, eval_every=0, save_every=200)

@@ -48,6 +48,7 @@ class FinetuneOptions:
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     merge: bool = False
     grad_checkpointing: bool = False
+    base_dtype: str = "float32"  # LoRA: the frozen base may sit in bfloat16 (half the memory); adapters stay fp32
     device: str = "auto"
     resume: bool = False
 
@@ -97,7 +98,8 @@ def validate(model: nn.Module, batches: list[Batch], task: str, device: torch.de
     return metrics
 
 
-RESUME_KEYS = ("model", "task", "method", "data", "val_data", "val_fraction", "max_len", "lora", *LOOP_KEYS)
+RESUME_KEYS = ("model", "task", "method", "data", "val_data", "val_fraction", "max_len", "lora", "base_dtype",
+               *LOOP_KEYS)
 
 
 def _run_record(opts: FinetuneOptions, tc: TrainConfig) -> dict[str, Any]:
@@ -105,7 +107,7 @@ def _run_record(opts: FinetuneOptions, tc: TrainConfig) -> dict[str, Any]:
     lora = {"r": opts.rank, "alpha": opts.alpha, "dropout": opts.lora_dropout, "targets": opts.targets}
     return {"model": opts.model, "task": opts.task, "method": opts.method, "data": _file_id(opts.data),
             "val_data": _file_id(opts.val_data) if opts.val_data else None, "val_fraction": opts.val_fraction,
-            "max_len": opts.max_len,
+            "max_len": opts.max_len, "base_dtype": opts.base_dtype,
             "lora": lora if opts.method == "lora" else None, **{k: t[k] for k in LOOP_KEYS}, "steps": tc.steps}
 
 
@@ -137,7 +139,9 @@ def _finetune(opts: FinetuneOptions, tc: TrainConfig, d: distributed.Dist, progr
     if opts.method == "lora" and tc.fsdp and d.world > 1:
         raise LmforgeError("LoRA under FSDP is not supported: use DDP (leave out --fsdp); the frozen base is "
                            "not trained, so sharding it saves little")
-    model, tok = load(opts.model, torch.float32, d.device, inference=False)
+    if opts.base_dtype != "float32" and opts.method != "lora":
+        raise LmforgeError("--base-dtype applies to LoRA's frozen base; full fine-tuning trains in float32")
+    model, tok = load(opts.model, opts.base_dtype, d.device, inference=False)
     cfg = model.cfg
     if cfg.family not in FAMILIES[opts.task]:
         raise LmforgeError(f"task {opts.task} is for {' or '.join(FAMILIES[opts.task])} models; {opts.model} is "
