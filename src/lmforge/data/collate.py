@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+IGNORE = -100  # a label the loss skips (prompt tokens, padding), as PyTorch's cross_entropy takes it
+Batch = dict[str, Tensor]  # every training batch: tensors by name, first dimension the row, `labels` included
+
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
     """Token lists -> (tokens, attention mask), each (B, longest). Left padding puts every row's last token in

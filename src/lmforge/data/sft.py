@@ -30,18 +30,16 @@ from typing import Any, Literal
 
 import torch
 
-from lmforge.data.collate import pad_batch
+from lmforge.data.collate import IGNORE, Batch, pad_batch
 from lmforge.data.sources import find_files, read_docs
 from lmforge.errors import LmforgeError
 from lmforge.generate import encode_prompt
 from lmforge.textio import json_type, jsonl_rows
 from lmforge.tokenizer import Tokenizer
 
-IGNORE = -100  # the loop's "no loss here" (train/loop.py IGNORE)
 TASKS = ("instruct", "chat", "domain", "classify", "seq2seq")
 ROLES = ("system", "user", "assistant")
 GROUP_BATCHES = 50  # length grouping sorts rows within windows of this many batches of the epoch permutation
-Batch = dict[str, torch.Tensor]
 Label = str | int
 Kind = Literal["causal", "classify", "seq2seq"]
 

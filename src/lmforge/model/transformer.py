@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.cache import CacheStep, KVCache
-from lmforge.model.init import init_weights
+from lmforge.model.init import STD, init_weights
 from lmforge.model.layers import ACTIVATIONS, Block, Norm, rope_tables
 
 Head = Literal["lm", "mlm", "classify", "pool", "hidden"]
@@ -97,7 +97,7 @@ class Transformer(nn.Module):
 
     def add_label_head(self, n_labels: int) -> None:
         """Classification (or, with 1 label, a scalar reward/value) head; also how fine-tuning adds a fresh one
-        (normal(0, 0.02) init) to a pretrained model."""
+        (GPT-2 init) to a pretrained model."""
         self.cfg.n_labels = n_labels
         d = self.cfg.d_model
         device = self.tok_emb.weight.device
@@ -111,7 +111,7 @@ class Transformer(nn.Module):
         if device.type != "meta":
             with torch.no_grad():
                 for head in heads:
-                    nn.init.normal_(head.weight, 0.0, 0.02)
+                    nn.init.normal_(head.weight, 0.0, STD)
                     if head.bias is not None:
                         nn.init.zeros_(head.bias)
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmforge.data.collate import Batch
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist as distributed
@@ -25,7 +26,6 @@ from lmforge.train.loop import IGNORE, TrainConfig, full_model_state, train
 from lmforge.train.objectives import cross_entropy_sum
 from lmforge.train.runs import LOOP_KEYS, export_into, open_run, write_json
 
-Batch = dict[str, Tensor]
 TASKS = ("instruct", "chat", "domain", "classify", "seq2seq")
 FAMILIES = {"instruct": ("decoder",), "chat": ("decoder",), "domain": ("decoder",),
             "classify": ("encoder", "decoder"), "seq2seq": ("encoder-decoder",)}

@@ -28,13 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lmforge.data.collate import IGNORE, Batch
 from lmforge.errors import LmforgeError
 from lmforge.train.dist import Dist, all_sum, rank_rows
 from lmforge.train.metrics import MetricsLog, ProgressBar, plot_losses
 
-Batch = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]  # summed loss over the batch's targets
-IGNORE = -100
 
 
 class TrainData(Protocol):

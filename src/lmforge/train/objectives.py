@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.collate import IGNORE, Batch
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 Name = Literal["clm", "mlm", "span"]
-Batch = dict[str, Tensor]
-IGNORE = -100
 FAMILY = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder"}
 
 
@@ -34,10 +33,6 @@ def _special(tok: Tokenizer, names: tuple[str, ...], role: str) -> int:
             return i
     raise LmforgeError(f"the tokenizer has no {role} token ({' or '.join(names)}); train one with the special "
                        "tokens of this objective (`lmforge tokenizer train --kind ...`)")
-
-
-def target_count(batch: Batch) -> int:
-    return int((batch["labels"] != IGNORE).sum())
 
 
 def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
