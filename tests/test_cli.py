@@ -121,7 +121,7 @@ def test_error_paths_are_one_line_with_exit_code_2(tmp_path: Path, smollm_path: 
 def test_t5_generate_and_inspect_each_family(tmp_path: Path) -> None:
     """`generate` is text-to-text for a T5 folder; `inspect` names every family."""
     import torch
-    from test_t5 import make_hf, write_word_tokenizer
+    from model.test_t5 import make_hf, write_word_tokenizer
 
     from lmforge.weights.load import load
 

@@ -53,13 +53,16 @@ def bert_folder(folder: Path) -> Path:
 GGUF_LAYERS, GGUF_D, GGUF_FF, GGUF_HEADS, GGUF_KV_HEADS = 1, 32, 64, 4, 2
 
 
-def gguf_file(path: Path, seed: int = 0, block_count: int | None = None, drop: str | None = None) -> Path:
+def gguf_file(
+    path: Path, seed: int = 0, block_count: int | None = None, drop: str | None = None, attn: str = "Q8_0",
+    mlp: str = "Q4_0",
+) -> Path:
     """A tiny random llama GGUF: byte-level BPE vocabulary with merges and chat template in the metadata (the
-    vocabulary of tests/test_gguf.py), embeddings F16, attention Q8_0, MLP Q4_0, norms F32. `block_count`
-    overrides the metadata's layer count, `drop` leaves one tensor out."""
+    vocabulary of tests/test_gguf.py), embeddings F16, attention Q8_0, MLP Q4_0 (or the `attn` / `mlp` types
+    named), norms F32. `block_count` overrides the metadata's layer count, `drop` leaves one tensor out."""
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
-    from test_gguf import BOS, CHAT_TEMPLATE, EOS, MERGES, TOKEN_TYPES, TOKENS
+    from weights.test_gguf import BOS, CHAT_TEMPLATE, EOS, MERGES, TOKEN_TYPES, TOKENS
 
     T = GGMLQuantizationType
     rng = np.random.default_rng(seed)
@@ -72,14 +75,14 @@ def gguf_file(path: Path, seed: int = 0, block_count: int | None = None, drop: s
     for i in range(GGUF_LAYERS):
         tensors |= {
             f"blk.{i}.attn_norm.weight": (1 + 0.1 * w(d), T.F32),
-            f"blk.{i}.attn_q.weight": (w(d, d), T.Q8_0),
-            f"blk.{i}.attn_k.weight": (w(GGUF_KV_HEADS * head_dim, d), T.Q8_0),
-            f"blk.{i}.attn_v.weight": (w(GGUF_KV_HEADS * head_dim, d), T.Q8_0),
-            f"blk.{i}.attn_output.weight": (w(d, d), T.Q8_0),
+            f"blk.{i}.attn_q.weight": (w(d, d), T[attn]),
+            f"blk.{i}.attn_k.weight": (w(GGUF_KV_HEADS * head_dim, d), T[attn]),
+            f"blk.{i}.attn_v.weight": (w(GGUF_KV_HEADS * head_dim, d), T[attn]),
+            f"blk.{i}.attn_output.weight": (w(d, d), T[attn]),
             f"blk.{i}.ffn_norm.weight": (1 + 0.1 * w(d), T.F32),
-            f"blk.{i}.ffn_gate.weight": (w(ff, d), T.Q4_0),
-            f"blk.{i}.ffn_up.weight": (w(ff, d), T.Q4_0),
-            f"blk.{i}.ffn_down.weight": (w(d, ff), T.Q4_0),
+            f"blk.{i}.ffn_gate.weight": (w(ff, d), T[mlp]),
+            f"blk.{i}.ffn_up.weight": (w(ff, d), T[mlp]),
+            f"blk.{i}.ffn_down.weight": (w(d, ff), T[mlp]),
         }
     tensors["output_norm.weight"] = (1 + 0.1 * w(d), T.F32)
     writer = GGUFWriter(str(path), "llama")

@@ -52,11 +52,11 @@ def _seed(value: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from lmforge.precision import DTYPE_CHOICES, DTYPE_HELP
     from lmforge.weights.registry import DEFAULT_CHAT_MODEL
 
     p.add_argument("--model", "-m", default=DEFAULT_CHAT_MODEL, help="short name, GGUF file, HF folder or hub id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="inference precision (auto: float32, which decodes fastest on CPU; see benchmarks/decode.py)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -153,8 +153,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lmforge.model_info import inspect_model
+    from lmforge.model_info import inspect_model, memory_table
 
+    if args.memory or args.config:
+        Console().print(memory_table(args.model, args.config, args.dtype, args.context, args.batch, args.budget))
+        return 0
+    if args.model is None:
+        raise LmforgeError("name a model (or use --memory with --config)")
     info = inspect_model(args.model)
     table = Table(title=str(info.pop("model")), show_header=False)
     for key, value in info.items():
@@ -163,15 +168,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given_once(positional: str | None, option: str | None, what: str) -> str:
+    """`convert SRC DST` and `convert --model SRC --out DST` are the same command: one spelling each."""
+    if positional is not None and option is not None and positional != option:
+        raise LmforgeError(f"{what} given twice ({positional!r} and {option!r}): give it once")
+    value = positional if positional is not None else option
+    if value is None:
+        raise LmforgeError(f"name {what}")
+    return value
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    src = _given_once(args.src, args.model, "the model to convert (SRC or --model)")
+    dst = _given_once(args.dst, args.out, "where to write (DST or --out)")
+    console = Console(stderr=True)
+    if args.to == "gguf":
+        if args.dtype is not None:
+            raise LmforgeError("--dtype is for --to hf; a GGUF file's precision is --quant (f16, q8_0, q4_0, q4_1)")
+        from lmforge.weights.gguf_write import convert_gguf
+
+        quant = args.quant or "f16"
+        with console.status(f"converting {src} to GGUF ({quant}) ..."):  # quant, output and family checked first
+            convert_gguf(src, dst, quant, force=args.force)
+        size = os.path.getsize(os.path.expanduser(dst))
+        console.print(f"wrote {dst} (GGUF llama, {quant.lower()}, {size / 2**20:,.1f} MiB)")
+        return 0
+    if args.quant is not None:
+        raise LmforgeError("--quant needs --to gguf (an HF folder's precision is --dtype)")
     from lmforge.weights.load import convert
 
-    console = Console(stderr=True)
-    with console.status(f"converting {args.src} ..."):  # the destination is checked before the slow load
-        cfg = convert(args.src, args.dst, dtype=args.dtype, force=args.force)
-    console.print(f"wrote {args.dst} ({cfg.hf_model_type}, {args.dtype})")
+    dtype = args.dtype or "float32"
+    with console.status(f"converting {src} ..."):  # the destination is checked before the slow load
+        cfg = convert(src, dst, dtype=dtype, force=args.force)
+    console.print(f"wrote {dst} ({cfg.hf_model_type}, {dtype})")
     return 0
 
 
@@ -189,6 +220,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lmforge import __version__
+    from lmforge.precision import DTYPE_CHOICES
 
     parser = Parser(prog="lmforge", description="Run, inspect and convert language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -216,14 +248,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="family, parameters, context length and memory of a model")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--memory", action="store_true", help="plan memory: weights, KV cache, activations, runtime")
+    p.add_argument("--config", help="--memory for a config instead of a model: a preset (e.g. llama2-7b) or a "
+                   "config.json")
+    p.add_argument("--dtype", default="int4", choices=DTYPE_CHOICES[1:], help="--memory: precision (default int4)")
+    p.add_argument("--context", type=_positive_int, help="--memory: tokens per sequence (default: the model's)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="--memory: sequences decoded together")
+    p.add_argument("--budget", type=float, default=8.0, help="--memory: GiB to check the total against")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="GGUF file or HF folder -> HF folder (config.json + safetensors)")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--force", action="store_true", help="replace a non-empty destination (once the export succeeded)")
+    p = sub.add_parser("convert", help="GGUF file or HF folder -> HF folder (config.json + safetensors), or with "
+                                          "--to gguf a Llama-family model -> a GGUF file for llama.cpp")
+    p.add_argument("src", nargs="?", help="short name, GGUF file or HF folder (or --model)")
+    p.add_argument("dst", nargs="?", help="the folder (hf) or .gguf file (gguf) to write (or --out)")
+    p.add_argument("--model", "-m", default=None, help="the model to convert, instead of SRC")
+    p.add_argument("--out", "-o", default=None, help="where to write, instead of DST")
+    p.add_argument("--to", choices=["hf", "gguf"], default="hf", help="output format (default hf)")
+    p.add_argument("--quant", default=None, metavar="{f16,q8_0,q4_0,q4_1}",
+                   help="--to gguf: type of the 2-D weights (default f16; norms stay F32)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="--to hf: weights dtype (float32)")
+    p.add_argument("--force", action="store_true", help="replace an existing destination (once the export succeeded)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools (train)")

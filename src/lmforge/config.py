@@ -103,6 +103,11 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=3072, max_seq_len=1024, pos="learned", norm="layer", gated_mlp=False, act="gelu_tanh",
         qkv_bias=True, attn_out_bias=True, mlp_bias=True, bos_token_id=50256, eos_token_ids=[50256],
     ),
+    # shape only (for `lmforge inspect --memory --config llama2-7b`): Llama-2-7B
+    "llama2-7b": ModelConfig(
+        name="llama2-7b", vocab_size=32000, d_model=4096, n_layer=32, n_head=32, n_kv_head=32, d_ff=11008,
+        max_seq_len=4096, norm_eps=1e-5, tie_embeddings=False, bos_token_id=1, eos_token_ids=[2],
+    ),
     "tiny-llama": ModelConfig(
         name="tiny-llama", vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128,
         max_seq_len=128, tie_embeddings=False, bos_token_id=1, eos_token_ids=[2],

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.precision import DTYPE_CHOICES
 from lmforge.textio import check_arguments, read_stdin, read_text_file
 from lmforge.weights.registry import DEFAULT_EMBED_MODEL
 
@@ -28,7 +29,8 @@ def add_embed_command(subparsers: Any) -> None:
     p.add_argument("--format", choices=["json", "npy"], default="json")
     p.add_argument("--output", "-o", help="write here instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES[1:],
+                   help="float32 (default: cosine 1.0 against sentence-transformers), bfloat16, int8 or int4 weights")
     p.set_defaults(func=cmd_embed)
 
 

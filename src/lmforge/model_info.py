@@ -6,6 +6,7 @@ shape, and the files hold all the bytes their headers promise (see weights/check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -46,6 +47,51 @@ def _hf_config(folder: Path) -> dict[str, Any]:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, numbers too long to convert
         raise LmforgeError(f"bad or missing config.json in {folder}: {str(e).splitlines()[0][:200]}") from None
+
+
+def read_config_file(path: Path) -> ModelConfig:
+    """Our own ModelConfig fields as JSON, or an HF config.json."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise LmforgeError(f"config file {path} must hold a JSON object")
+    if "model_type" in raw:
+        return config_from_hf(raw, name=path.stem)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise LmforgeError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return ModelConfig(**raw)
+    except TypeError as e:
+        raise LmforgeError(f"config file {path}: {e}") from None
+
+
+def memory_table(
+    model: str | None, config: str | None, dtype: str, context: int | None, batch: int, budget_gib: float
+) -> Any:
+    """`lmforge inspect --memory`: a rich table of memory.plan for a model (its header) or a config."""
+    from rich.table import Table
+
+    from lmforge.memory import plan
+
+    if (model is None) == (config is None):
+        raise LmforgeError("give a model or --config (a preset such as llama2-7b, or a config.json), not both")
+    if config is not None:
+        cfg = read_config_file(Path(config)) if config.endswith(".json") else ModelConfig.from_name(config)
+    else:
+        cfg = read_config(resolve(model))[0]  # type: ignore[arg-type]
+    p = plan(cfg, dtype, context, batch)
+    context = context or cfg.max_seq_len
+    table = Table(title=f"{cfg.name} at {dtype}, {context:,} tokens x {batch}", show_header=False)
+    for label, value in (("weights", p.weights), ("KV cache", p.kv_cache), ("activations", p.activations),
+                         ("runtime (PyTorch, tokenizer)", p.runtime)):
+        table.add_row(label, _size(value))
+    verdict = "fits" if p.total <= budget_gib * 2**30 else "does NOT fit"
+    table.add_row("total", f"{_size(p.total)}: {verdict} in {budget_gib:g} GiB")
+    return table
 
 
 def model_family(name: str) -> str:

@@ -14,11 +14,11 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.model.fast import OneDNNLinear, plain_linears, swap_linears, use_onednn
-from lmforge.model.quantize import Int8Linear, quantize_int8
+from lmforge.model.quantize import Int4Linear, Int8Linear, quantize
 from lmforge.model.transformer import Transformer
 
 TOKENS = torch.tensor([[5, 17, 200, 3, 99, 42, 7, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
-LINEARS = (nn.Linear, OneDNNLinear, Int8Linear)
+LINEARS = (nn.Linear, OneDNNLinear, Int8Linear, Int4Linear)
 
 
 def tiny(name: str = "tiny-gpt2", **changes) -> Transformer:
@@ -144,20 +144,24 @@ def test_lora_shaped_wrapper_swapped_in_everywhere(start):
         assert p.grad is not None and (p.grad.abs().sum() > 0) == moves, name
 
 
-def test_int8_linears_swapped_in_head_included():
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_linears_swapped_in_head_included(kind):
     model = inference(tiny("tiny-llama"))
     with torch.no_grad():
         ref = model(TOKENS)
-        assert quantize_int8(model) == 4 * model.cfg.n_layer + 1
-        assert isinstance(model.lm_head, Int8Linear) and model.lm_head.qweight.dtype == torch.int8
+        assert quantize(model, kind) == 4 * model.cfg.n_layer + 1
+        assert isinstance(model.lm_head, Int8Linear)  # heads stay int8 under int4
+        body = (Int8Linear if kind == "int8" else Int4Linear)
+        assert all(isinstance(b.attn.qkv, body) for b in model.decoder)
         out = model(TOKENS)
-        # the head by hand: dequantized int8 weights times the hidden state
-        head = model.lm_head
+        # the head by hand: its dequantized weights times the hidden state
         hidden = model(TOKENS, head="hidden")
-        torch.testing.assert_close(out, hidden @ (head.qweight.float() * head.scale).T)
+        by_hand = hidden @ model.lm_head.dequantized().T
+        assert (out - by_hand).abs().max() < 0.02 * by_hand.abs().max()
     err = (out - ref).abs().max().item()
-    assert 0 < err < 0.05 * ref.abs().max().item()  # quantized: close, not equal
-    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # quantized: close, not equal (4-bit noise adds up over a random model's layers)
+    assert 0 < err < (0.05 if kind == "int8" else 0.2) * ref.abs().max().item()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > (0.9 if kind == "int8" else 0.75)
 
 
 def test_fresh_init_loss_is_near_ln_vocab():

@@ -121,10 +121,10 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd): every key this call may attend to
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.scale,
+            q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_head != self.n_kv_head,
-        )  # (B, H, T, hd)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+        )  # (B, H, T, hd); in the cache's dtype, which a quantized model keeps narrower than its activations
+        return self.out(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 class MLP(nn.Module):

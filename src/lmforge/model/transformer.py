@@ -60,27 +60,33 @@ def padded_keep(attention_mask: Tensor | None, causal: bool) -> Tensor | None:
     return keep[:, None]
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    """An Embedding left uninitialised (init_weights or a checkpoint fills it): nn.Embedding's own normal_ init
+    on the meta device imports torch._dynamo, 3 s of a model load."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         has_enc = cfg.family in ("encoder", "encoder-decoder")
         has_dec = cfg.family in ("decoder", "encoder-decoder")
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
-        self.type_emb = nn.Embedding(cfg.n_token_types, cfg.d_model) if cfg.n_token_types else None
+        self.tok_emb = _embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = _embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.type_emb = _embedding(cfg.n_token_types, cfg.d_model) if cfg.n_token_types else None
         self.emb_norm = Norm(cfg) if cfg.post_norm else None
         relative = cfg.pos == "relative"
 
         self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)) if has_enc else None
         self.enc_norm = Norm(cfg) if has_enc and not cfg.post_norm else None
-        self.enc_rel = nn.Embedding(cfg.rel_buckets, cfg.n_head) if has_enc and relative else None
+        self.enc_rel = _embedding(cfg.rel_buckets, cfg.n_head) if has_enc and relative else None
 
         n_dec = cfg.n_decoder_layer if cfg.family == "encoder-decoder" else cfg.n_layer
         cross = cfg.family == "encoder-decoder"
         self.decoder = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_dec)) if has_dec else None
         self.dec_norm = Norm(cfg) if has_dec and not cfg.post_norm else None
-        self.dec_rel = nn.Embedding(cfg.rel_buckets, cfg.n_head) if has_dec and relative else None
+        self.dec_rel = _embedding(cfg.rel_buckets, cfg.n_head) if has_dec and relative else None
 
         # heads: a tied head is still its own module, sharing the embedding's Parameter
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if has_dec else None
@@ -91,6 +97,9 @@ class Transformer(nn.Module):
             self.add_label_head(cfg.n_labels)
         self.tie_weights()
         self.grad_checkpointing = False  # training: recompute each block's activations in backward (less memory)
+        # the dtype activations take when it differs from the embedding table's (which the KV cache follows): a
+        # quantized model keeps both in bf16 and computes in fp32 (weights/load.py build_quantized)
+        self.act_dtype: torch.dtype | None = None
         if self.tok_emb.weight.device.type != "meta":
             init_weights(self)
         self.init_buffers()
@@ -116,7 +125,8 @@ class Transformer(nn.Module):
                         nn.init.zeros_(head.bias)
 
     def tie_weights(self) -> None:
-        if self.lm_head is not None and self.cfg.tie_embeddings:
+        """A quantized head (model/quantize.py) holds its own copy of the embedding: nothing to tie."""
+        if self.lm_head is not None and self.cfg.tie_embeddings and hasattr(self.lm_head, "weight"):
             self.lm_head.weight = self.tok_emb.weight
         if self.cfg.mlm_head:
             self.mlm_head.weight = self.tok_emb.weight
@@ -138,6 +148,8 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: Tensor, positions: Tensor, token_types: Tensor | None = None) -> Tensor:
         x = self.tok_emb(tokens)  # (B, T, d)
+        if self.act_dtype is not None:
+            x = x.to(self.act_dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         if self.type_emb is not None:

@@ -8,9 +8,7 @@ at each validation), loss.png and, when done, config.json + model.safetensors + 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.shards import TokenSplit, read_meta
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import Transformer
+from lmforge.model_info import read_config_file
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist as distributed
 from lmforge.train.loop import TrainConfig, checkpoints, full_model_state, train
@@ -106,7 +105,7 @@ def model_config(opts: PretrainOptions, tok: Tokenizer) -> ModelConfig:
     if opts.preset is not None:
         cfg = ModelConfig.from_name(opts.preset)
     else:
-        cfg = _read_config_file(Path(opts.config_file))  # type: ignore[arg-type]
+        cfg = read_config_file(Path(opts.config_file))  # type: ignore[arg-type]
     if opts.vocab_size:
         cfg.vocab_size = opts.vocab_size
     if not cfg.vocab_size:
@@ -129,28 +128,6 @@ def model_config(opts: PretrainOptions, tok: Tokenizer) -> ModelConfig:
     if cfg.family == "encoder-decoder":
         cfg.decoder_start_token_id = cfg.pad_token_id
     return cfg
-
-
-def _read_config_file(path: Path) -> ModelConfig:
-    """Our own ModelConfig fields as JSON, or an HF config.json."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(f"cannot read config file {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise LmforgeError(f"config file {path} must hold a JSON object")
-    if "model_type" in raw:
-        from lmforge.weights.hf import config_from_hf
-
-        return config_from_hf(raw, name=path.stem)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise LmforgeError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
-    try:
-        return ModelConfig(**raw)
-    except TypeError as e:
-        raise LmforgeError(f"config file {path}: {e}") from None
 
 
 def _fingerprint(data_dir: Path) -> str:

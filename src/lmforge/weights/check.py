@@ -251,6 +251,7 @@ class GgufTensorInfo:
 class GgufHeader:
     metadata: dict[str, Any]  # as gguf.metadata() gives it: scalars, strings, lists
     tensors: list[GgufTensorInfo]
+    data_start: int = 0  # file offset of the tensor data section
 
     def type_names(self) -> list[str]:
         from gguf.constants import GGMLQuantizationType
@@ -293,6 +294,22 @@ class _GgufScan:
         start = self.take(n, what)
         return self.data[start : start + n].decode("utf-8")  # as gguf-py decodes it, strictly
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """string() `count` times, inlined: a vocabulary is ~100k strings and this is most of a GGUF's header."""
+        length = struct.Struct(self.order + "Q").unpack_from
+        data, size, pos, out = self.data, self.size, self.pos, []
+        for _ in range(count):
+            if pos + 8 > size:
+                raise ValueError(f"{what} at offset {pos} runs past the end of the file ({size} bytes)")
+            (n,) = length(data, pos)
+            pos += 8
+            if pos + n > size:
+                raise ValueError(f"{what} at offset {pos} runs past the end of the file ({size} bytes)")
+            out.append(data[pos : pos + n].decode("utf-8"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _GGUF_SCALARS:
             return self.scalar(_GGUF_SCALARS[vtype], what)
@@ -311,6 +328,8 @@ class _GgufScan:
                 raise ValueError(f"{what!r}: unknown array item type {item}")
             if count * (8 if item == _GGUF_STRING else 12) > self.size - self.pos:
                 raise ValueError(f"{what!r}: {count} items cannot fit in the file")
+            if item == _GGUF_STRING:
+                return self.strings(count, what)
             return [self.value(item, what, depth + 1) for _ in range(count)]
         raise ValueError(f"{what!r}: unknown value type {vtype}")
 
@@ -360,7 +379,7 @@ class _GgufScan:
             if data_start + t.offset + t.n_bytes > self.size:
                 raise ValueError(f"tensor {t.name!r} ({t.n_bytes} bytes at {data_start + t.offset}) runs past the "
                                  f"end of the file ({self.size} bytes)")
-        return GgufHeader(meta, list(infos.values()))
+        return GgufHeader(meta, list(infos.values()), data_start)
 
 
 def check_gguf(header: GgufHeader, cfg: ModelConfig, where: str) -> Shapes:

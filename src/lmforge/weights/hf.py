@@ -269,7 +269,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         if cfg.tie_embeddings:
             raw.pop("lm_head.weight", None)
     fix = _conv1d_fix if kind == "gpt2" else None
-    state = to_ours(raw, HF_RULES[kind], HF_PREFIXES.get(kind, ""), fix)
+    state = to_ours(raw, HF_RULES[kind], HF_PREFIXES.get(kind, ""), fix, consume=True)
     return cfg, state
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,7 +20,9 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.fast import use_onednn
+from lmforge.model.quantize import in_features_of, layer_kind, quant_linear, quantize_int4, quantize_int8
 from lmforge.model.transformer import Transformer
+from lmforge.precision import QUANT_DTYPES, QuantKind
 from lmforge.tokenizer import Tokenizer
 from lmforge.weights.check import check_fits, check_hf_folder, meta_model, scan_gguf
 from lmforge.weights.gguf import is_gguf, load_gguf
@@ -29,11 +34,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The activation dtype: a quantized choice computes in bfloat16 (what the int kernels take)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in QUANT_DTYPES:
+        return torch.bfloat16
     if dtype not in DTYPES:
-        raise LmforgeError(f"unknown dtype {dtype!r} (use one of: {', '.join(DTYPES)})")
+        raise LmforgeError(f"unknown dtype {dtype!r} (use one of: {', '.join([*DTYPES, *QUANT_DTYPES])})")
     return DTYPES[dtype]
+
+
+def quant_of(dtype: str | torch.dtype) -> tuple[QuantKind, int] | None:
+    return QUANT_DTYPES.get(dtype) if isinstance(dtype, str) else None
 
 
 def build(
@@ -46,8 +58,9 @@ def build(
     tied = set(model.tied_names())
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     check_fits(shapes, state)
-    state = {k: v for k, v in state.items() if k in shapes}  # BERT's unused pooler
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
+    # one tensor at a time, each checkpoint tensor dropped once converted: never two copies of the model
+    state = {k: state.pop(k).to(device=device, dtype=dtype) for k in list(state) if k in shapes}  # BERT's pooler
+    model.load_state_dict(state, assign=True, strict=False)
     model.tie_weights()
     model.init_buffers()
     if not inference:
@@ -55,6 +68,61 @@ def build(
     model.eval().requires_grad_(False)
     use_onednn(model)
     return model
+
+
+def build_quantized(
+    cfg: ModelConfig, state: dict[str, Tensor], kind: QuantKind, group: int, device: torch.device | str = "cpu"
+) -> Transformer:
+    """Config + our state dict -> an inference model whose Linears are int8/int4 (model/quantize.py), embedding
+    tables bfloat16 and everything else fp32. A Linear's weight may come as float (quantized here, one at a time)
+    or as block rows already (GGUF's, read by load_gguf with the same `layer_kind` rule)."""
+    model = meta_model(cfg)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    tied = set(model.tied_names())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    for name, linear in linears:
+        key = f"{name}.weight"
+        weight = state.get(key)
+        if weight is None and key in tied:
+            weight = state["tok_emb.weight"]
+        kind_here = layer_kind(kind, group, name, linear.in_features)
+        if weight is None or kind_here is None:
+            continue
+        if weight.dtype == torch.uint8:
+            rows = weight
+        else:
+            check_fits({key: shapes.get(key, tuple(linear.weight.shape))}, {key: weight})
+            rows = quantize_int4(weight, group) if kind_here == "int4" else quantize_int8(weight)
+        state.pop(key, None)
+        shapes.pop(key, None)
+        bias = state.pop(f"{name}.bias", None)
+        shapes.pop(f"{name}.bias", None)
+        if rows.shape[0] != linear.out_features or in_features_of(rows, kind_here) != linear.in_features:
+            raise LmforgeError(f"wrong shape for {key}: {rows.shape[0]} x {in_features_of(rows, kind_here)}, the "
+                               f"config wants {linear.out_features} x {linear.in_features}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quant_linear(rows.to(device), kind_here, bias))
+    check_fits(shapes, state)
+    # embedding tables in bf16 (half the memory; a lookup reads one row), the small rest in fp32, and fp32
+    # activations: no casts around every op of a step, and this CPU has no native bf16 arithmetic anyway
+    rest = {k: state.pop(k).to(device=device, dtype=torch.bfloat16 if k.endswith("emb.weight") else torch.float32)
+            for k in list(state) if k in shapes}
+    model.load_state_dict(rest, assign=True, strict=False)
+    model.tie_weights()
+    model.init_buffers()
+    model.act_dtype = torch.float32
+    return model.eval().requires_grad_(False)
+
+
+@functools.cache
+def _return_large_frees_to_the_os() -> None:
+    """glibc serves a freed large block's memory to later allocations instead of returning it, once its adaptive
+    threshold has grown: a load's transient tensors (file blocks, unpacked codes) then stay in the process for
+    good, ~170 MB for SmolLM2 at int4. A fixed 1 MB threshold maps every large tensor on its own."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def default_device() -> str:
@@ -70,14 +138,18 @@ def load(
 
     The checkpoint is checked from its headers first (check.py): a truncated, corrupt or mismatched one is
     refused with an LmforgeError before its tensors are read."""
+    _return_large_frees_to_the_os()
     path = resolve(str(name))
     dt = parse_dtype(dtype)
+    quant = quant_of(dtype)
+    if quant is not None and not inference:
+        raise LmforgeError(f"--dtype {dtype} is for inference: train from float32 or bfloat16 weights")
     if path.is_file():
         if path.suffix != ".gguf" and not is_gguf(path):
             raise LmforgeError(f"{path} is neither a GGUF file nor a model folder")
-        scan_gguf(path)  # gguf-py trusts the file's counts and sizes: refuse corrupt ones first
+        header = scan_gguf(path)  # checks every count and size before a tensor is touched
         try:
-            cfg, state, meta = load_gguf(path)
+            cfg, state, meta = load_gguf(path, *(quant or (None, 32)), header=header, dtype=dt)
         except RuntimeError as e:  # tensors the config cannot reshape (q/k rows) or stack (gate|up)
             raise LmforgeError(f"bad GGUF file {path}: tensor shapes do not fit the config "
                                f"({str(e).splitlines()[0][:200]})") from None
@@ -89,7 +161,10 @@ def load(
         cfg, state = load_hf_folder(path)
         tokenizer = Tokenizer.from_dir(path)
         _apply_sentence_config(cfg, path)
-    return build(cfg, state, dt, device or default_device(), inference), tokenizer
+    device = device or default_device()
+    if quant is not None:
+        return build_quantized(cfg, state, *quant, device), tokenizer
+    return build(cfg, state, dt, device, inference), tokenizer
 
 
 def _gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:

@@ -8,6 +8,7 @@ drives loading (their -> ours, concatenating parts) and export (ours -> theirs, 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -165,13 +166,17 @@ def part_sizes(cfg: ModelConfig, ours: str) -> list[int]:
 
 
 def to_ours(
-    theirs: dict[str, Tensor], rules: list[Rule], prefix: str = "", fix: Callable[[str, Tensor], Tensor] | None = None
+    theirs: dict[str, Tensor], rules: list[Rule], prefix: str = "", fix: Callable[[str, Tensor], Tensor] | None = None,
+    consume: bool = False,
 ) -> dict[str, Tensor]:
-    """Their state dict -> ours. `fix` adjusts one of their tensors first (GPT-2 Conv1D, GGUF q/k rows)."""
+    """Their state dict -> ours. `fix` adjusts one of their tensors first (GPT-2 Conv1D, GGUF q/k rows).
+    `consume` empties `theirs` as it goes, so a tensor that is fused or fixed is not held twice."""
     compiled = [(_pattern(t), o, part) for t, o, part in rules]
+    n_parts = Counter(o for _, o, part in rules if part is not None)
     whole: dict[str, Tensor] = {}
     parts: dict[str, dict[int, Tensor]] = {}
-    for name, tensor in theirs.items():
+    for name in list(theirs):
+        tensor = theirs.pop(name) if consume else theirs[name]
         if prefix and name.startswith(prefix):
             name = name[len(prefix) :]
         if IGNORED.match(name):
@@ -185,7 +190,11 @@ def to_ours(
             if part is None:
                 whole[target] = tensor
             else:
-                parts.setdefault(target, {})[part] = tensor
+                pieces = parts.setdefault(target, {})
+                pieces[part] = tensor
+                if len(pieces) == n_parts[ours]:  # fused as soon as complete: the pieces are freed early
+                    whole[target] = torch.cat([pieces[k] for k in sorted(pieces)], dim=0)
+                    del parts[target]
             break
         else:
             raise LmforgeError(f"unexpected tensor {name!r} in checkpoint")

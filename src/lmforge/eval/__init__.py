@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and, as they land, choice log-likelihood, generation metrics, RAG metrics)."""

@@ -1,0 +1,626 @@
+// int4 / int8 weight x int8 activation matmul for the CPU (llama.cpp's trick): activations are quantized per
+// 32-column block to int8 with one fp32 scale, the 32-long integer dot products are exact, and only the
+// per-block scales are applied in fp32. Built and loaded by lmforge/model/kernels/__init__.py, which also
+// holds the pure-PyTorch fallback that must give the same numbers (same q and d bit for bit, same exact
+// block dot products; only the fp32 summation order differs).
+//
+// Packed layouts (made by pack_int4 / pack_int8 in __init__.py): output rows in groups of 16 (N padded with
+// zero rows to G = ceil(N / 16) groups), nb = K / 32 blocks. Each 32-bit lane of a 512-bit register holds
+// 4 consecutive codes of one of the group's 16 rows, so a vpdpbusd against 4 broadcast activation bytes
+// advances 16 output rows at once, and a block's 8 such steps leave the 16 rows' exact block dot products in
+// the 16 lanes: the scales then apply lane-wise (one vector load of 16 rows' scales), and no horizontal sum
+// is ever needed (a 16-wide store writes 16 outputs).
+//   int4: nib (G, nb * 256) uint8, bytes [g][b][t][r][i] (t < 4, r < 16, i < 4) =
+//           code[16g + r][32b + 4t + i] | code[16g + r][32b + 16 + 4t + i] << 4
+//         (a 64-byte chunk masked with 0x0F gives columns 4t.., shifted by 4 gives columns 16 + 4t..);
+//         scale, offset (G, nb * 16): [g][b][r] = s[16g + r][b], fp32, or f16 when every value is exactly
+//         representable (GGUF's are f16): the bytes to read, which bound decode speed, shrink by a sixth.
+//   int8: codes (G, nb * 512) int8, [g][b][t][r][i] (t < 8) = code[16g + r][32b + 4t + i];
+//         scale (G, nb * 16) fp32 or f16; csum (G, nb * 16) int16 = the block's sum of codes (|sum| <= 4096),
+//         for the +128 trick (below).
+// Code paths, picked at compile time (-march=native): AVX512-VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd
+// on 8-row halves), and plain C++ for anything else.
+//
+// Precise mode (the `precise` argument): each block is quantized twice, the second time its residual
+// r = x - d1 q1, and y = sum_b s (d1 I1 + d2 I2) (+ o (d1 S1 + d2 S2) for int4): about 14 bits of activation
+// precision instead of 7, for a second set of integer dots against the SAME unpacked weight registers (the
+// weights, which bound decode, are still read once). Plain int8 activations lose the small channels of a
+// block that holds an outlier channel (they round to 0), which wrecks real models' answers.
+// Must be compiled with -ffp-contract=off (__init__.py's flags): the residual is two fp32 roundings,
+// p = d1 * q1 then x - p, as PyTorch computes it; a fused multiply-subtract would give other bits.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define QMM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QMM_AVX2 1
+#else
+#define QMM_SCALAR 1
+#endif
+
+namespace {
+
+// Bumped whenever the packed layout or the Python-visible interface changes; __init__.py refuses another.
+constexpr int64_t kAbi = 3;
+constexpr int64_t QK = 32;  // block size (input columns per scale)
+constexpr int64_t RG = 16;  // output rows per group (lanes of a 512-bit register)
+#if defined(QMM_AVX512)
+constexpr int kMaxTile = 8;  // activation rows per pass over a group: 8 weight + 8 accumulator registers of 32
+#else
+constexpr int kMaxTile = 4;  // AVX2 has 16 registers
+#endif
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
+
+inline int32_t load4(const void* p) {  // 4 activation bytes, for a broadcast
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ---- activations --------------------------------------------------------------------------------------------
+
+// One 32-block of a row: d = max|x| / 127, q = round-half-even(x / d) clamped to +-127, S = sum q; a block
+// whose d is not > 0 (all zeros, or NaN) gets q = 0. Plain scalar code on purpose: true division and
+// nearbyint (round-half-even in the default rounding mode) give exactly what torch's x / d and torch.round
+// give, and the cost is O(M K), nothing next to the O(M N K) matmul.
+inline void quantize_block(const float* x, int8_t* q, float& d_out, int32_t& s_out) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < QK; ++j) {
+    const float a = std::fabs(x[j]);
+    if (a > amax || std::isnan(a)) amax = std::isnan(amax) ? amax : a;  // NaN propagates, like torch.amax
+  }
+  const float d = amax / 127.0f;
+  int32_t sum = 0;
+  if (d > 0.0f) {
+    for (int64_t j = 0; j < QK; ++j) {
+      float t = std::nearbyint(x[j] / d);
+      t = t > 127.0f ? 127.0f : (t >= -127.0f ? t : -127.0f);  // NaN -> -127: defined, never UB
+      q[j] = static_cast<int8_t>(t);
+      sum += q[j];
+    }
+  } else {
+    std::memset(q, 0, QK);
+  }
+  d_out = d;
+  s_out = sum;
+}
+
+// The second pass's input: r = x - d q in two fp32 roundings, never fused (see the header). q = 0 where d is
+// not > 0, so r = x there (and NaN stays NaN), exactly as in __init__.py's _quantize_torch.
+inline void residual_block(const float* x, const int8_t* q, float d, float* r) {
+  for (int64_t j = 0; j < QK; ++j) {
+    const float p = d * static_cast<float>(q[j]);
+    r[j] = x[j] - p;
+  }
+}
+
+struct Acts {
+  int64_t M = 0, K = 0, nb = 0;
+  std::vector<int8_t> q;    // (M, K)
+  std::vector<float> d;     // (M, nb)
+  std::vector<int32_t> S;   // (M, nb)
+  std::vector<float> dS;    // (M, nb) d S (+ d2 S2 when precise): the int4 offset term is sum_b o[n,b] dS[m,b]
+  std::vector<uint8_t> u;   // (M, K) q + 128, the unsigned vpdpbusd operand for int8 weights (AVX512 only)
+  // precise mode only: the residual's pass, laid out as the first
+  std::vector<int8_t> q2;
+  std::vector<float> d2;
+  std::vector<int32_t> S2;
+  std::vector<uint8_t> u2;
+};
+
+at::Tensor as_float_rows(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu(), "qmatmul: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "qmatmul: x must be (M, ", k, "), got ", x.sizes());
+  TORCH_CHECK(k > 0 && k % QK == 0, "qmatmul: K must be a positive multiple of 32, got ", k);
+  return x.to(at::kFloat).contiguous();  // bf16 -> fp32 is exact
+}
+
+Acts quantize_acts(const at::Tensor& xf, bool need_u, bool precise) {
+  Acts a;
+  a.M = xf.size(0);
+  a.K = xf.size(1);
+  a.nb = a.K / QK;
+  a.q.resize(a.M * a.K);
+  a.d.resize(a.M * a.nb);
+  a.S.resize(a.M * a.nb);
+  a.dS.resize(a.M * a.nb);
+  if (precise) {
+    a.q2.resize(a.M * a.K);
+    a.d2.resize(a.M * a.nb);
+    a.S2.resize(a.M * a.nb);
+  }
+  const float* x = xf.data_ptr<float>();
+  at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) {
+    float r[QK];
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const int64_t i = m * a.nb + b, j = m * a.K + b * QK;
+        quantize_block(x + j, a.q.data() + j, a.d[i], a.S[i]);
+        a.dS[i] = a.d[i] * static_cast<float>(a.S[i]);
+        if (precise) {
+          residual_block(x + j, a.q.data() + j, a.d[i], r);
+          quantize_block(r, a.q2.data() + j, a.d2[i], a.S2[i]);
+          const float dS2 = a.d2[i] * static_cast<float>(a.S2[i]);
+          a.dS[i] = a.dS[i] + dS2;
+        }
+      }
+    }
+  });
+#if defined(QMM_AVX512)
+  if (need_u) {
+    a.u.resize(a.q.size());
+    for (size_t i = 0; i < a.q.size(); ++i) a.u[i] = static_cast<uint8_t>(a.q[i] + 128);
+    if (precise) {
+      a.u2.resize(a.q2.size());
+      for (size_t i = 0; i < a.q2.size(); ++i) a.u2[i] = static_cast<uint8_t>(a.q2[i] + 128);
+    }
+  }
+#else
+  (void)need_u;
+#endif
+  return a;
+}
+
+// ---- tiles: MT activation rows (m0..) x one group of 16 weight rows -> an (MT, 16) patch of y ---------------
+// y points at y[m0][16 g]; ldy is N; `lanes` (1..16) of the patch's columns are real rows, the rest padding.
+
+#if defined(QMM_AVX512)
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __mmask16 lane_mask(int64_t lanes) {
+  return lanes >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1);
+}
+
+// The exact int32 block dots of 16 rows' int4 codes (lo, hi: unpacked) with one row's 32 int8 activations.
+inline __m512i int4_dots(const __m512i* lo, const __m512i* hi, const int8_t* qb) {
+  // two independent chains (columns 0..15, 16..31): half the dependent-vpdpbusd latency per block
+  __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+  for (int t = 0; t < 4; ++t) {
+    i0 = _mm512_dpbusd_epi32(i0, lo[t], _mm512_set1_epi32(load4(qb + 4 * t)));  // u8 codes x s8 q
+    i1 = _mm512_dpbusd_epi32(i1, hi[t], _mm512_set1_epi32(load4(qb + 16 + 4 * t)));
+  }
+  return _mm512_add_epi32(i0, i1);
+}
+
+template <int MT, bool P, typename ST>
+inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, const ST* o, float* y, int64_t ldy,
+                      int64_t lanes) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int8_t* q = a.q.data() + m0 * a.K;
+  const float* d = a.d.data() + m0 * a.nb;
+  const float* dS = a.dS.data() + m0 * a.nb;
+  const int8_t* q2 = P ? a.q2.data() + m0 * a.K : nullptr;
+  const float* d2 = P ? a.d2.data() + m0 * a.nb : nullptr;
+  __m512 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m512i lo[4], hi[4];  // unpacked once per block, used by every activation row of the tile
+    for (int t = 0; t < 4; ++t) {
+      const __m512i v = _mm512_loadu_si512(w + b * 256 + t * 64);
+      lo[t] = _mm512_and_si512(v, low4);
+      hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+    const __m512 s16 = load16(s + b * RG);
+    const __m512 o16 = load16(o + b * RG);
+    for (int i = 0; i < MT; ++i) {
+      const __m512 dot = _mm512_cvtepi32_ps(int4_dots(lo, hi, q + i * a.K + b * QK));
+      if constexpr (P) {  // s (d1 I1 + d2 I2): the residual's dots reuse the unpacked lo / hi registers
+        const __m512 dot2 = _mm512_cvtepi32_ps(int4_dots(lo, hi, q2 + i * a.K + b * QK));
+        const __m512 f = _mm512_fmadd_ps(dot2, _mm512_set1_ps(d2[i * a.nb + b]),
+                                         _mm512_mul_ps(dot, _mm512_set1_ps(d[i * a.nb + b])));
+        acc[i] = _mm512_fmadd_ps(f, s16, acc[i]);
+      } else {
+        acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dot, s16), _mm512_set1_ps(d[i * a.nb + b]), acc[i]);
+      }
+      acc[i] = _mm512_fmadd_ps(o16, _mm512_set1_ps(dS[i * a.nb + b]), acc[i]);  // o d S (+ o d2 S2)
+    }
+  }
+  const __mmask16 k = lane_mask(lanes);
+  for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(y + i * ldy, k, acc[i]);
+}
+
+// int8 weights: vpdpbusd wants one unsigned operand, so the activation side is u = q + 128 and
+// sum (q + 128) c = sum q c + 128 sum c; the 128 sum c is removed exactly, in int32, by starting each block's
+// accumulator at -128 csum.
+// The exact int32 block dots of 16 rows' int8 codes c with one row's 32 activations u = q + 128, from
+// corr = -128 csum.
+inline __m512i int8_dots(const __m512i* c, const uint8_t* ub, __m512i corr) {
+  __m512i i0 = corr, i1 = _mm512_setzero_si512();
+  for (int t = 0; t < 8; t += 2) {
+    i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32(load4(ub + 4 * t)), c[t]);
+    i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32(load4(ub + 4 * t + 4)), c[t + 1]);
+  }
+  return _mm512_add_epi32(i0, i1);
+}
+
+template <int MT, bool P, typename ST>
+inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, const int16_t* cs, float* y,
+                      int64_t ldy, int64_t lanes) {
+  const uint8_t* u = a.u.data() + m0 * a.K;
+  const float* d = a.d.data() + m0 * a.nb;
+  const uint8_t* u2 = P ? a.u2.data() + m0 * a.K : nullptr;
+  const float* d2 = P ? a.d2.data() + m0 * a.nb : nullptr;
+  __m512 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m512i c[8];
+    for (int t = 0; t < 8; ++t) c[t] = _mm512_loadu_si512(w + b * 512 + t * 64);
+    const __m512 s16 = load16(s + b * RG);
+    const __m512i sum16 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs + b * RG)));
+    const __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum16, 7));
+    for (int i = 0; i < MT; ++i) {
+      const __m512 dot = _mm512_cvtepi32_ps(int8_dots(c, u + i * a.K + b * QK, corr));
+      if constexpr (P) {  // s (d1 I1 + d2 I2), both against the same loaded codes
+        const __m512 dot2 = _mm512_cvtepi32_ps(int8_dots(c, u2 + i * a.K + b * QK, corr));
+        const __m512 f = _mm512_fmadd_ps(dot2, _mm512_set1_ps(d2[i * a.nb + b]),
+                                         _mm512_mul_ps(dot, _mm512_set1_ps(d[i * a.nb + b])));
+        acc[i] = _mm512_fmadd_ps(f, s16, acc[i]);
+      } else {
+        acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dot, s16), _mm512_set1_ps(d[i * a.nb + b]), acc[i]);
+      }
+    }
+  }
+  const __mmask16 k = lane_mask(lanes);
+  for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(y + i * ldy, k, acc[i]);
+}
+
+#elif defined(QMM_AVX2)
+
+// The same layout in two 8-row halves: bytes 0..31 of each 64-byte chunk are rows 0..7, 32..63 rows 8..15.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+inline void store_lanes(float* y, const float* v, int64_t lanes) {
+  std::memcpy(y, v, static_cast<size_t>(std::min<int64_t>(lanes, RG)) * sizeof(float));
+}
+
+// One 4-column step of 8 rows' block dots: u8 codes (<= 15) x s8 q, pair sums <= 2 * 15 * 127 (no int16
+// saturation), widened to int32 and added to dot.
+inline __m256i int4_step(__m256i dot, __m256i codes, const int8_t* q4, __m256i ones) {
+  return _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, _mm256_set1_epi32(load4(q4))), ones));
+}
+
+template <int MT, bool P, typename ST>
+inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, const ST* o, float* y, int64_t ldy,
+                      int64_t lanes) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* q = a.q.data() + m0 * a.K;
+  const int8_t* q2 = P ? a.q2.data() + m0 * a.K : nullptr;
+  __m256 acc[MT][2];
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s8 = load8(s + b * RG + 8 * h);
+      const __m256 o8 = load8(o + b * RG + 8 * h);
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* qb = q + i * a.K + b * QK;
+        const int8_t* rb = P ? q2 + i * a.K + b * QK : nullptr;
+        __m256i dot = _mm256_setzero_si256(), dot2 = _mm256_setzero_si256();
+        for (int t = 0; t < 4; ++t) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 256 + t * 64 + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          dot = int4_step(int4_step(dot, lo, qb + 4 * t, ones), hi, qb + 16 + 4 * t, ones);
+          if constexpr (P) dot2 = int4_step(int4_step(dot2, lo, rb + 4 * t, ones), hi, rb + 16 + 4 * t, ones);
+        }
+        const int64_t mb = (m0 + i) * a.nb + b;
+        if constexpr (P) {  // s (d1 I1 + d2 I2)
+          const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2), _mm256_set1_ps(a.d2[mb]),
+                                           _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[mb])));
+          acc[i][h] = _mm256_fmadd_ps(f, s8, acc[i][h]);
+        } else {
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s8);
+          acc[i][h] = _mm256_fmadd_ps(f, _mm256_set1_ps(a.d[mb]), acc[i][h]);
+        }
+        acc[i][h] = _mm256_fmadd_ps(o8, _mm256_set1_ps(a.dS[mb]), acc[i][h]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    alignas(32) float out[RG];
+    _mm256_store_ps(out, acc[i][0]);
+    _mm256_store_ps(out + 8, acc[i][1]);
+    store_lanes(y + i * ldy, out, lanes);
+  }
+}
+
+// int8 weights: llama.cpp's sign trick keeps vpmaddubsw's pair sums in int16 (|c| x sign(c) q <= 2 * 128 * 127).
+template <int MT, bool P, typename ST>
+inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, const int16_t* cs, float* y,
+                      int64_t ldy, int64_t lanes) {
+  (void)cs;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* q = a.q.data() + m0 * a.K;
+  const int8_t* q2 = P ? a.q2.data() + m0 * a.K : nullptr;
+  __m256 acc[MT][2];
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s8 = load8(s + b * RG + 8 * h);
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* qb = q + i * a.K + b * QK;
+        const int8_t* rb = P ? q2 + i * a.K + b * QK : nullptr;
+        __m256i dot = _mm256_setzero_si256(), dot2 = _mm256_setzero_si256();
+        for (int t = 0; t < 8; ++t) {
+          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 512 + t * 64 + 32 * h));
+          const __m256i ac = _mm256_sign_epi8(c, c);  // |c|; -128 stays 0x80 = 128 as u8, still right
+          const __m256i sq = _mm256_sign_epi8(_mm256_set1_epi32(load4(qb + 4 * t)), c);
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(ac, sq), ones));
+          if constexpr (P) {
+            const __m256i sr = _mm256_sign_epi8(_mm256_set1_epi32(load4(rb + 4 * t)), c);
+            dot2 = _mm256_add_epi32(dot2, _mm256_madd_epi16(_mm256_maddubs_epi16(ac, sr), ones));
+          }
+        }
+        const int64_t mb = (m0 + i) * a.nb + b;
+        if constexpr (P) {  // s (d1 I1 + d2 I2)
+          const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2), _mm256_set1_ps(a.d2[mb]),
+                                           _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[mb])));
+          acc[i][h] = _mm256_fmadd_ps(f, s8, acc[i][h]);
+        } else {
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s8);
+          acc[i][h] = _mm256_fmadd_ps(f, _mm256_set1_ps(a.d[mb]), acc[i][h]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    alignas(32) float out[RG];
+    _mm256_store_ps(out, acc[i][0]);
+    _mm256_store_ps(out + 8, acc[i][1]);
+    store_lanes(y + i * ldy, out, lanes);
+  }
+}
+
+#else  // QMM_SCALAR
+
+// Row r's exact block dot with 32 activations q (block-local pointers).
+inline int32_t int4_dot(const uint8_t* w, int64_t r, const int8_t* q) {
+  int32_t dot = 0;
+  for (int64_t t = 0; t < 4; ++t)
+    for (int64_t j = 0; j < 4; ++j) {
+      const uint8_t byte = w[t * 64 + r * 4 + j];
+      dot += static_cast<int32_t>(byte & 0x0F) * q[4 * t + j];
+      dot += static_cast<int32_t>(byte >> 4) * q[16 + 4 * t + j];
+    }
+  return dot;
+}
+
+inline int32_t int8_dot(const int8_t* w, int64_t r, const int8_t* q) {
+  int32_t dot = 0;
+  for (int64_t t = 0; t < 8; ++t)
+    for (int64_t j = 0; j < 4; ++j) dot += static_cast<int32_t>(w[t * 64 + r * 4 + j]) * q[4 * t + j];
+  return dot;
+}
+
+// d I (+ d2 I2 when precise) for block b of activation row m: the factor that multiplies s.
+template <bool P, typename Dot>
+inline float scaled_dots(const Acts& a, int64_t m, int64_t b, Dot dot) {
+  const int64_t mb = m * a.nb + b;
+  const float f = static_cast<float>(dot(a.q.data() + m * a.K + b * QK)) * a.d[mb];
+  if constexpr (P) return f + static_cast<float>(dot(a.q2.data() + m * a.K + b * QK)) * a.d2[mb];
+  return f;
+}
+
+template <int MT, bool P, typename ST>
+inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, const ST* o, float* y, int64_t ldy,
+                      int64_t lanes) {
+  for (int i = 0; i < MT; ++i) {
+    for (int64_t r = 0; r < std::min<int64_t>(lanes, RG); ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const float f = scaled_dots<P>(a, m0 + i, b, [&](const int8_t* q) { return int4_dot(w + b * 256, r, q); });
+        acc += f * to_float(s[b * RG + r]);
+        acc += to_float(o[b * RG + r]) * a.dS[(m0 + i) * a.nb + b];
+      }
+      y[i * ldy + r] = acc;
+    }
+  }
+}
+
+template <int MT, bool P, typename ST>
+inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, const int16_t* cs, float* y,
+                      int64_t ldy, int64_t lanes) {
+  (void)cs;
+  for (int i = 0; i < MT; ++i) {
+    for (int64_t r = 0; r < std::min<int64_t>(lanes, RG); ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const float f = scaled_dots<P>(a, m0 + i, b, [&](const int8_t* q) { return int8_dot(w + b * 512, r, q); });
+        acc += f * to_float(s[b * RG + r]);
+      }
+      y[i * ldy + r] = acc;
+    }
+  }
+}
+
+#endif
+
+// ---- driver ------------------------------------------------------------------------------------------------
+
+// Groups [g0, g1) of 16 weight rows for every activation row: each group (K/2 or K bytes per row, a few KiB)
+// comes from memory once and stays in L1 while every tile of up to kMaxTile activation rows passes over it,
+// so a decode batch of M rows costs about one weight read.
+template <bool INT4, bool P, typename ST>
+void run_groups(const Acts& a, int64_t g0, int64_t g1, const void* w, const ST* s, const ST* o, const int16_t* cs,
+                float* y, int64_t N) {
+  const int64_t wstride = a.nb * (INT4 ? 256 : 512), sstride = a.nb * RG;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t lanes = std::min<int64_t>(RG, N - g * RG);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
+      const int mt = static_cast<int>(std::min<int64_t>(kMaxTile, a.M - m0));
+      float* yp = y + m0 * N + g * RG;
+#define QMM_CASE(T)                                                                                             \
+  case T:                                                                                                       \
+    if constexpr (T <= kMaxTile) {                                                                              \
+      if constexpr (INT4)                                                                                       \
+        int4_tile<T, P, ST>(a, m0, static_cast<const uint8_t*>(w) + g * wstride, s + g * sstride,               \
+                            o + g * sstride, yp, N, lanes);                                                     \
+      else                                                                                                      \
+        int8_tile<T, P, ST>(a, m0, static_cast<const int8_t*>(w) + g * wstride, s + g * sstride,                \
+                            cs + g * sstride, yp, N, lanes);                                                    \
+    }                                                                                                           \
+    break;
+      switch (mt) {
+        QMM_CASE(1)
+        QMM_CASE(2)
+        QMM_CASE(3)
+        QMM_CASE(4)
+        QMM_CASE(5)
+        QMM_CASE(6)
+        QMM_CASE(7)
+        QMM_CASE(8)
+        default:
+          break;
+      }
+#undef QMM_CASE
+    }
+  }
+}
+
+void check_packed(const at::Tensor& t, const char* what, at::ScalarType dtype, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.dim() == 2 &&
+                  t.size(0) == rows && t.size(1) == cols,
+              "qmatmul: ", what, " must be a contiguous ", dtype, " (", rows, ", ", cols, ") CPU tensor, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+void check_scales(const at::Tensor& t, const char* what, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, "qmatmul: ", what,
+              " must be float32 or float16, got ", t.scalar_type());
+  check_packed(t, what, t.scalar_type(), rows, cols);
+}
+
+// Groups per parallel task: at least ~256k multiply-adds (several microseconds), so that a thread's start and
+// join (and, on a busy machine, waiting for a descheduled one) is only paid where there is work to split.
+int64_t grain_groups(int64_t M, int64_t K) {
+  return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, M * K * RG));
+}
+
+// Runs body(std::integral_constant<bool, precise>{}, half_scales_tag) with both as compile-time types.
+template <typename F>
+void dispatch(bool precise, bool half, F&& body) {
+  if (precise) {
+    if (half)
+      body(std::true_type{}, uint16_t{});
+    else
+      body(std::true_type{}, float{});
+  } else {
+    if (half)
+      body(std::false_type{}, uint16_t{});
+    else
+      body(std::false_type{}, float{});
+  }
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& scale, const at::Tensor& offset,
+                   int64_t n, int64_t k, bool precise) {
+  const at::Tensor xf = as_float_rows(x, k);
+  TORCH_CHECK(n >= 0, "qmatmul: N must be >= 0");
+  const int64_t nb = k / QK, G = (n + RG - 1) / RG;
+  check_packed(nib, "int4 codes", at::kByte, G, nb * 256);
+  check_scales(scale, "scale", G, nb * RG);
+  check_scales(offset, "offset", G, nb * RG);
+  TORCH_CHECK(offset.scalar_type() == scale.scalar_type(), "qmatmul: scale and offset dtypes differ");
+  at::Tensor y = at::empty({xf.size(0), n}, xf.options());
+  if (xf.size(0) == 0 || n == 0) return y;
+  const Acts a = quantize_acts(xf, false, precise);
+  float* yp = y.data_ptr<float>();
+  // precise does twice the integer work per weight byte: its grain is that of twice the rows
+  const int64_t grain = grain_groups(precise ? 2 * a.M : a.M, k);
+  dispatch(precise, scale.scalar_type() == at::kHalf, [&](auto p, auto st) {
+    using ST = decltype(st);
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+      run_groups<true, decltype(p)::value, ST>(a, g0, g1, nib.data_ptr(), static_cast<const ST*>(scale.data_ptr()),
+                                               static_cast<const ST*>(offset.data_ptr()), nullptr, yp, n);
+    });
+  });
+  return y;
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& csum,
+                   int64_t n, int64_t k, bool precise) {
+  const at::Tensor xf = as_float_rows(x, k);
+  TORCH_CHECK(n >= 0, "qmatmul: N must be >= 0");
+  const int64_t nb = k / QK, G = (n + RG - 1) / RG;
+  check_packed(codes, "int8 codes", at::kChar, G, nb * 512);
+  check_scales(scale, "scale", G, nb * RG);
+  check_packed(csum, "int8 csum", at::kShort, G, nb * RG);
+  at::Tensor y = at::empty({xf.size(0), n}, xf.options());
+  if (xf.size(0) == 0 || n == 0) return y;
+  const Acts a = quantize_acts(xf, true, precise);
+  float* yp = y.data_ptr<float>();
+  const int16_t* cs = csum.data_ptr<int16_t>();
+  const int64_t grain = grain_groups(precise ? 2 * a.M : a.M, k);
+  dispatch(precise, scale.scalar_type() == at::kHalf, [&](auto p, auto st) {
+    using ST = decltype(st);
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+      run_groups<false, decltype(p)::value, ST>(a, g0, g1, codes.data_ptr(), static_cast<const ST*>(scale.data_ptr()),
+                                                nullptr, cs, yp, n);
+    });
+  });
+  return y;
+}
+
+// The activation quantizer alone, so tests can check it against the PyTorch one bit for bit:
+// (q, d, S), then (q2, d2, S2) of the residual when precise.
+std::vector<at::Tensor> quantize(const at::Tensor& x, bool precise) {
+  TORCH_CHECK(x.dim() == 2, "qmatmul: x must be 2-D");
+  const at::Tensor xf = as_float_rows(x, x.size(1));
+  const Acts a = quantize_acts(xf, false, precise);
+  std::vector<at::Tensor> out;
+  const auto pass = [&](const std::vector<int8_t>& qv, const std::vector<float>& dv, const std::vector<int32_t>& Sv) {
+    at::Tensor q = at::empty({a.M, a.K}, at::kChar), d = at::empty({a.M, a.nb}, at::kFloat),
+               S = at::empty({a.M, a.nb}, at::kInt);
+    std::memcpy(q.data_ptr<int8_t>(), qv.data(), qv.size());
+    std::memcpy(d.data_ptr<float>(), dv.data(), dv.size() * sizeof(float));
+    std::memcpy(S.data_ptr<int32_t>(), Sv.data(), Sv.size() * sizeof(int32_t));
+    out.insert(out.end(), {q, d, S});
+  };
+  pass(a.q, a.d, a.S);
+  if (precise) pass(a.q2, a.d2, a.S2);
+  return out;
+}
+
+std::string isa() {
+#if defined(QMM_AVX512)
+  return "avx512vnni";
+#elif defined(QMM_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The GIL is released around the work: the kernels touch no Python objects, and serving threads can go on.
+  m.def("int4_mm", &int4_mm, "int4 weights x int8-quantized activations -> fp32 (M, N)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("int8_mm", &int8_mm, "int8 weights x int8-quantized activations -> fp32 (M, N)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quantize", &quantize, "per-32-block int8 activation quantization -> (q, d, S) (+ (q2, d2, S2) if precise)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("isa", &isa, "the compiled code path");
+  m.def("abi", []() { return kAbi; }, "packed layout / interface version");
+}

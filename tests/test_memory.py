@@ -1,0 +1,49 @@
+"""Memory planning: `lmforge inspect --memory` against what a real `lmforge generate` process holds at its peak."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.config import ModelConfig
+from lmforge.memory import plan
+from lmforge.model_info import read_config
+from lmforge.weights.registry import resolve
+
+PEAK = ("import resource, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)")
+
+
+def peak_rss(*args: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, check=True)
+    return int(out.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_plan_is_within_15_percent_of_the_measured_peak(dtype):
+    measured = peak_rss("generate", "--dtype", dtype, "--max-new-tokens", "16", "-t", "0", "Hello")
+    cfg = read_config(resolve("smollm2-135m-instruct"))[0]
+    planned = plan(cfg, dtype, context=64, batch=1).total
+    assert abs(planned - measured) <= 0.15 * measured, (planned >> 20, measured >> 20)
+
+
+def test_a_7b_model_at_int4_with_4k_context_fits_in_8_gib(capsys):
+    p = plan(ModelConfig.from_name("llama2-7b"), "int4", context=4096)
+    assert 3.5 * 2**30 < p.weights < 4.5 * 2**30  # 6.7B weights at ~4.6 bits + an int8 head + bf16 embeddings
+    assert p.kv_cache == 2 * 32 * 4096 * 4096 * 2  # k and v, 32 layers, 4k positions, 4096 wide, bf16
+    assert p.total < 8 * 2**30 < plan(ModelConfig.from_name("llama2-7b"), "bfloat16", context=4096).total
+    assert main(["inspect", "--memory", "--config", "llama2-7b", "--dtype", "int4", "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 8 GiB" in out and "NOT" not in out
+
+
+def test_bad_memory_requests_are_one_line_errors(capsys):
+    assert main(["inspect", "--memory", "--config", "llama2-7b", "--context", "99999"]) == 2
+    assert "exceeds the model's 4096 tokens" in capsys.readouterr().err
+    assert main(["inspect", "--memory"]) == 2
+    assert main(["inspect", "--memory", "--config", "no-such-preset"]) == 2
+    assert "unknown config preset" in capsys.readouterr().err
