@@ -34,6 +34,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/embed.py
 	$(PY) benchmarks/train.py
 

@@ -60,8 +60,10 @@ def peak_rss_mb(dtype: str) -> float:
     import subprocess
     import sys
 
-    script = ("import resource, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the forking parent's peak (this big process) across exec
+    script = ("import re, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+              "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+              "print(hwm, file=sys.stderr); sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", script, "generate", "--dtype", dtype, "--max-new-tokens", "16",
                           "-t", "0", "Hello"], capture_output=True, text=True, check=True)
     return int(out.stderr.strip().splitlines()[-1]) / 1024

@@ -13,8 +13,10 @@ from lmforge.memory import plan
 from lmforge.model_info import read_config
 from lmforge.weights.registry import resolve
 
-PEAK = ("import resource, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)")
+# VmHWM, not getrusage's ru_maxrss: Linux carries a forked parent's peak across exec into ru_maxrss
+PEAK = ("import re, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+        "print(int(hwm) * 1024, file=sys.stderr); sys.exit(rc)")
 
 
 def peak_rss(*args: str) -> int:

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "dtype") and args.dtype == "auto":
         from lmforge.weights.load import default_dtype
 
-        args.dtype = default_dtype()
+        args.dtype = default_dtype(getattr(args, "model", None))
     try:
         return args.func(args)
     except LmforgeError as e:

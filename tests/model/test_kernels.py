@@ -12,10 +12,13 @@ from functools import cache
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import kernels as K
+from lmforge.model.layers import Norm
 
 RTOL = 1e-5  # relative to max |y|: what fp32 summation order may change
 
@@ -317,6 +320,102 @@ def test_pack_rejects_bad_input() -> None:
         K.pack_int8(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 1))
 
 
+# ---- rms norm -----------------------------------------------------------------------------------------------
+
+
+def rms_inputs(shape: tuple[int, ...], weight: str, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """x with rows of different scales (and an all-zero row where there are several), weight ones or random."""
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    d = shape[-1]
+    x = torch.randn(*shape, generator=g) * (torch.rand(*shape[:-1], 1, generator=g) * 3 + 0.01)
+    if x.numel() > d:
+        x.view(-1, d)[1] = 0.0  # mean 0: y = x * rsqrt(eps) * w = 0, no NaN
+    w = torch.ones(d) if weight == "ones" else torch.randn(d, generator=g)
+    return x, w
+
+
+@pytest.mark.parametrize("weight", ["ones", "random"])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 7, 64), (300, 1536), (5, 33), (70, 100)])
+def test_rms_norm_native_matches_torch(shape: tuple[int, ...], weight: str, native: bool) -> None:
+    """Within a few ulps of F.rms_norm: the same ops in the same order, but for the sum of squares'. (5, 33):
+    the scalar tail; (70, 100): 64-wide, 16-wide and tail steps, and the row-parallel branch (>= 64 rows)."""
+    need(native)
+    x, w = rms_inputs(shape, weight)
+    ref = F.rms_norm(x, (shape[-1],), w, 1e-6)
+    lib = K._load()
+    assert lib is not None
+    y = lib.rms_norm(x, w, 1e-6)
+    assert y.shape == x.shape and y.dtype == torch.float32 and y.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    if x.numel() > shape[-1]:
+        assert not y.view(-1, shape[-1])[1].any()
+    with torch.inference_mode():
+        assert torch.equal(K.rms_norm(x, w, 1e-6), y)  # the public function takes the native path here
+
+
+def test_rms_norm_native_is_deterministic_across_threads(native: bool) -> None:
+    """Each row is summed by one thread in one order (300 rows of 1536 do split across threads)."""
+    need(native)
+    x, w = rms_inputs((300, 1536), "random")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = K.rms_norm(x, w, 1e-5)
+        torch.set_num_threads(2)
+        y2 = K.rms_norm(x, w, 1e-5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+
+
+def test_rms_norm_native_checks_its_inputs(native: bool) -> None:
+    need(native)
+    lib = K._load()
+    assert lib is not None
+    x = torch.randn(2, 64)
+    for bad_x, bad_w in ((x, torch.ones(32)), (x, torch.ones(64, dtype=torch.float64)), (x.double(), torch.ones(64)),
+                         (x.T, torch.ones(2)), (torch.tensor(1.0), torch.ones(1))):
+        with pytest.raises(RuntimeError, match="rms_norm"):
+            lib.rms_norm(bad_x, bad_w, 1e-6)
+    assert lib.rms_norm(x[:0], torch.ones(64), 1e-6).shape == (0, 64)
+
+
+def test_rms_norm_falls_back_where_native_cannot_serve(native: bool) -> None:
+    """Autograd, other dtypes and non-contiguous x get F.rms_norm itself (the same bits, gradients included)."""
+    x, w = rms_inputs((4, 96), "random")
+    wp = torch.nn.Parameter(w.clone())
+    y = K.rms_norm(x, wp, 1e-6)  # grad enabled and the weight requires it: autograd records
+    assert y.grad_fn is not None and torch.equal(y, F.rms_norm(x, (96,), wp, 1e-6))
+    y.sum().backward()
+    assert wp.grad is not None and wp.grad.shape == (96,)
+    xg = x.clone().requires_grad_()
+    assert K.rms_norm(xg, w, 1e-6).grad_fn is not None
+    for xs, ws in ((x.bfloat16(), w.bfloat16()), (x.T, torch.ones(4)), (x.double(), w.double())):
+        assert torch.equal(K.rms_norm(xs, ws, 1e-6), F.rms_norm(xs, (xs.shape[-1],), ws, 1e-6))
+    with torch.no_grad():  # the parameter still requires grad, but nothing is recorded: native when built
+        y = K.rms_norm(x, wp, 1e-6)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, F.rms_norm(x, (96,), w, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+def test_norm_uses_native_rms_norm_only_at_inference(native: bool) -> None:
+    """layers.Norm: the native kernel for fp32 RMSNorm without autograd, F.rms_norm (bit for bit) in training."""
+    need(native)
+    norm = Norm(ModelConfig(d_model=576, norm="rms", norm_eps=1e-5))
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576))
+    x, _ = rms_inputs((1, 1, 576), "ones")
+    lib = K._load()
+    assert lib is not None
+    ref = F.rms_norm(x, (576,), norm.weight, 1e-5)
+    with torch.inference_mode():
+        y = norm(x)
+    assert torch.equal(y, lib.rms_norm(x, norm.weight, 1e-5))
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    y = norm(x)  # training: the weight requires grad
+    assert y.grad_fn is not None and torch.equal(y, ref)
+
+
 # ---- build and load -----------------------------------------------------------------------------------------
 
 
@@ -325,6 +424,7 @@ def _reset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(K, "_lib", None)
     monkeypatch.setattr(K, "_tried", False)
     monkeypatch.setattr(K, "_noticed", False)
+    monkeypatch.setattr(K, "_failure", None)
 
 
 def test_missing_extension_falls_back_with_one_notice(monkeypatch: pytest.MonkeyPatch,
@@ -342,6 +442,22 @@ def test_missing_extension_falls_back_with_one_notice(monkeypatch: pytest.Monkey
     with pytest.raises(LmforgeError):
         K.int4_mm(x, packed, 16, 64, native=True)
     assert capsys.readouterr().err == ""
+
+
+def test_quiet_rms_norm_load_defers_the_notice(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An fp32 model's norms look for the extension quietly (nothing int4/int8 to warn about); the matmuls still
+    give the one notice afterwards."""
+    _reset(monkeypatch)
+    monkeypatch.setattr(K, "_name", lambda: K._PREFIX + "not_built_anywhere")
+    x, w = torch.randn(2, 64), torch.randn(64)
+    assert torch.equal(K.rms_norm(x, w, 1e-6), F.rms_norm(x, (64,), w, 1e-6))
+    assert capsys.readouterr().err == ""
+    packed, _ = weights("int4", 16, 64)
+    K.int4_mm(x, packed, 16, 64)
+    K.int4_mm(x, packed, 16, 64)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("lmforge: native int4/int8 kernels unavailable (")
 
 
 def test_mismatched_extension_is_refused(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:

@@ -114,8 +114,9 @@ class CacheStep:
             v_rows[:, :, self.start : self.start + T] = v
         else:
             row = torch.arange(k.shape[0], device=k.device)[:, None]
-            k_rows[row, :, self.positions] = k.transpose(1, 2)  # index (B, T) -> (B, T, n_kv, hd)
-            v_rows[row, :, self.positions] = v.transpose(1, 2)
+            # index (B, T) -> (B, T, n_kv, hd); in the cache's dtype (bf16 under fp32 activations when quantized)
+            k_rows[row, :, self.positions] = k.transpose(1, 2).to(k_rows.dtype)
+            v_rows[row, :, self.positions] = v.transpose(1, 2).to(v_rows.dtype)
         return k_rows[:, :, : self.kv_len], v_rows[:, :, : self.kv_len]
 
     def memory(self, layer: int) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ Math (blocks of 32 input columns, b = k // 32):
 Both sides quantize the activations bit for bit the same way and compute the same exact integer block dot
 products; only the fp32 summation order differs (tests/model/test_kernels.py: within ~1e-5 of max|y|).
 Compared with x @ w.T in fp32, the activation quantization costs ~0.5% relative error on random data.
-Inference only: nothing here carries gradients.
+The matmuls are inference only: they carry no gradients.
 
 precise=True (int4_mm, int8_mm, quantize_activations): two-pass (residual) activation quantization. Real
 activations have outlier channels; one of them sets a block's d, and the block's other values round to 0 or
@@ -44,6 +44,11 @@ codes interleaved 4 bytes at a time so each 32-bit lane of an AVX512 register be
     int8's csum int16 (G, 16 nb): [g][b][r] = sum of row 16g+r's codes in block b (for the +128 trick)
 unpack_int4 / unpack_int8 / dequantize_int4 / dequantize_int8 invert them, on any device.
 
+rms_norm(x, weight, eps): fp32 RMSNorm over the last dimension, one pass per row in qmatmul.cpp (PyTorch's CPU
+F.rms_norm is a composite of ~6 ops: ~42 us per call at decode's (1, 1, 576) on the build machine, and a decode
+step calls it twice per layer); within a few ulps of F.rms_norm (only the sum of squares' order differs), and
+F.rms_norm itself wherever the extension cannot serve (another device or dtype, autograd, no build).
+
 The extension is compiled by `python -m lmforge.model.kernels --build` (make install runs it) into
 <venv>/lmforge-kernels/<name>/, where <name> hashes the C++ source, the torch and Python versions, the flags
 and the CPU's feature flags: an edited source, another torch or a venv moved to another CPU (-march=native!)
@@ -65,13 +70,14 @@ from types import ModuleType
 from typing import Literal, overload
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
 
 QK = 32  # input columns per block (one activation scale, one weight scale)
 RG = 16  # output rows per packed group (the 16 fp32 lanes of an AVX512 register)
-ABI = 3  # must match kAbi in qmatmul.cpp
+ABI = 4  # must match kAbi in qmatmul.cpp
 
 _SOURCE = Path(__file__).with_name("qmatmul.cpp")
 # -fopenmp: at::parallel_for is inline OpenMP in the headers; -ffp-contract=off: the precise mode's residual
@@ -85,6 +91,7 @@ _lock = threading.Lock()
 _lib: ModuleType | None = None
 _tried = False
 _noticed = False
+_failure: str | None = None  # why the one load failed: its notice waits for a caller that is not quiet
 
 
 # ---- build and load -----------------------------------------------------------------------------------------
@@ -150,18 +157,20 @@ def _import() -> ModuleType:
     return _check(mod)
 
 
-def _load() -> ModuleType | None:
-    """The extension, imported once per process; None (after one notice) when it is missing or unusable."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            try:
-                _lib = _import()
-            except Exception as e:  # any failure means "use the fallback", never a crash
-                _notice(_one_line(e))
-            _tried = True
+def _load(quiet: bool = False) -> ModuleType | None:
+    """The extension, imported once per process; None when it is missing or unusable, after one notice to the
+    first caller that is not quiet (rms_norm is: an fp32 model that never uses int4/int8 has nothing to be told)."""
+    global _lib, _tried, _failure
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = _import()
+                except Exception as e:  # any failure means "use the fallback", never a crash
+                    _failure = _one_line(e)
+                _tried = True
+    if _lib is None and _failure is not None and not quiet:
+        _notice(_failure)
     return _lib
 
 
@@ -380,7 +389,7 @@ def _native(x: Tensor, native: bool | None) -> ModuleType | None:
     Kept to a few attribute reads: at M = 1 a small layer's kernel takes tens of microseconds."""
     if native is False:
         return None
-    lib = _lib if _tried else _load()
+    lib = _lib if _lib is not None else _load()  # not `_tried`: a quiet first load (rms_norm) owes the notice
     if lib is not None and x.device.type == "cpu":
         return lib
     if native:
@@ -456,3 +465,21 @@ def quantize_activations(x: Tensor, native: bool | None = None, *, precise: bool
         if lib is not None:
             return tuple(lib.quantize(x, precise))
         return _quantize_torch(x, precise)
+
+
+# ---- rms norm -----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight over the last dimension: the native one-pass kernel for a
+    contiguous fp32 CPU x and an fp32 weight when autograd has nothing to record (grad disabled, or neither
+    requires grad), else F.rms_norm (the same numbers within a few ulps). Called ~60 times per decoded token:
+    only attribute reads and one grad-mode call stand before the native call."""
+    # cheapest tests first; the extension is only looked for once x is one it could take (a CUDA model never
+    # loads it), and quietly (see _load)
+    if x.dtype is torch.float32 and weight.dtype is torch.float32 and x.is_cpu and x.is_contiguous() and (
+            not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)):
+        lib = _lib if _tried else _load(quiet=True)
+        if lib is not None:
+            return lib.rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
