@@ -18,6 +18,7 @@ for the kernels is a byte permutation: no pass over unpacked codes at load time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -173,68 +174,56 @@ def pack_q8(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # ---- the Linears -------------------------------------------------------------------------------------
 
 
-class Int4Linear(nn.Module):
-    """y = x @ W.T + b with W in 4-bit codes and an fp16 scale and offset per 32 input columns of a row,
-    multiplied by model/kernels (int8-quantized activations, exact integer block dots; fp32 out)."""
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W as block codes (Int4Linear, Int8Linear), multiplied by model/kernels: the input
+    quantized to int8 per 32 values (two passes when `precise`), exact integer block dots, fp32 out."""
+
+    KIND: QuantKind
+    pack: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+    matmul: Callable[..., Tensor]
+    unpack: Callable[[tuple[Tensor, ...], int, int], Tensor]
 
     def __init__(self, rows: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features_of(rows, "int4"), rows.shape[0]
-        nib, scale, offset = pack_q4(rows)
+        self.in_features, self.out_features = in_features_of(rows, self.KIND), rows.shape[0]
+        codes, scale, extra = type(self).pack(rows)  # extra: int4's offsets, int8's per-block code sums
         self.precise = PRECISE
-        self.register_buffer("qweight", nib)
+        self.register_buffer("qweight", codes)
         self.register_buffer("scale", scale)
-        self.register_buffer("offset", offset)
+        self.register_buffer("extra", extra)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> Int4Linear:
-        return cls(quantize_int4(linear.weight), linear.bias)
+    def from_linear(cls, linear: nn.Module) -> QuantLinear:
+        return cls((quantize_int4 if cls.KIND == "int4" else quantize_int8)(linear.weight), linear.bias)
 
     def dequantized(self) -> Tensor:
         """The fp32 weight (N, K) the codes encode."""
-        return kernels.dequantize_int4((self.qweight, self.scale, self.offset), self.out_features, self.in_features)
+        return type(self).unpack((self.qweight, self.scale, self.extra), self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = kernels.int4_mm(x.reshape(-1, self.in_features), (self.qweight, self.scale, self.offset),
-                            self.out_features, self.in_features, precise=self.precise)
+        y = type(self).matmul(x.reshape(-1, self.in_features), (self.qweight, self.scale, self.extra),
+                              self.out_features, self.in_features, precise=self.precise)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group 32"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.KIND} group 32"
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (code * scale).T + b with int8 codes and an fp16 scale per 32 input columns of a row."""
+class Int4Linear(QuantLinear):
+    """4-bit codes with an fp16 scale and offset per 32 input columns of a row (GGUF Q4_1)."""
 
-    def __init__(self, rows: Tensor, bias: Tensor | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features_of(rows, "int8"), rows.shape[0]
-        packed, scale, csum = pack_q8(rows)
-        self.precise = PRECISE
-        self.register_buffer("qweight", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("csum", csum)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+    KIND = "int4"
+    pack, matmul, unpack = staticmethod(pack_q4), staticmethod(kernels.int4_mm), staticmethod(kernels.dequantize_int4)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Module) -> Int8Linear:
-        return cls(quantize_int8(linear.weight), linear.bias)
 
-    def dequantized(self) -> Tensor:
-        return kernels.dequantize_int8((self.qweight, self.scale, self.csum), self.out_features, self.in_features)
+class Int8Linear(QuantLinear):
+    """int8 codes with an fp16 scale per 32 input columns of a row (GGUF Q8_0)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = kernels.int8_mm(x.reshape(-1, self.in_features), (self.qweight, self.scale, self.csum),
-                            self.out_features, self.in_features, precise=self.precise)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 group 32"
+    KIND = "int8"
+    pack, matmul, unpack = staticmethod(pack_q8), staticmethod(kernels.int8_mm), staticmethod(kernels.dequantize_int8)
 
 
 def quantized_nbytes(kind: QuantKind, n: int, k: int) -> int:
@@ -243,9 +232,6 @@ def quantized_nbytes(kind: QuantKind, n: int, k: int) -> int:
     groups, blocks = -(-n // kernels.RG), k // kernels.QK
     per_block = 16 * 16 + 2 * 16 * 2 if kind == "int4" else 16 * 32 + 16 * 2 + 16 * 2  # codes + scales (+ offsets)
     return groups * blocks * per_block
-
-
-QuantLinear = Int4Linear | Int8Linear
 
 
 def quant_linear(rows: Tensor, kind: QuantKind, bias: Tensor | None = None) -> QuantLinear:
