@@ -10,8 +10,6 @@ import pytest
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.memory import plan
-from lmforge.model_info import read_config
-from lmforge.weights.registry import resolve
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries a forked parent's peak across exec into ru_maxrss
 PEAK = ("import re, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
@@ -24,12 +22,19 @@ def peak_rss(*args: str) -> int:
     return int(out.stderr.strip().splitlines()[-1])
 
 
+# the plan as `lmforge inspect --memory` makes it: in a fresh process, whose own size is the plan's runtime part
+PLAN = ("import sys; from lmforge.memory import plan; from lmforge.model_info import read_config; "
+        "from lmforge.weights.registry import resolve; "
+        "print(plan(read_config(resolve(sys.argv[1]))[0], sys.argv[2], context=64, batch=1).total)")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "int4"])
 def test_plan_is_within_15_percent_of_the_measured_peak(dtype):
     measured = peak_rss("generate", "--dtype", dtype, "--max-new-tokens", "16", "-t", "0", "Hello")
-    cfg = read_config(resolve("smollm2-135m-instruct"))[0]
-    planned = plan(cfg, dtype, context=64, batch=1).total
+    out = subprocess.run([sys.executable, "-c", PLAN, "smollm2-135m-instruct", dtype], capture_output=True,
+                         text=True, check=True)
+    planned = int(out.stdout)
     assert abs(planned - measured) <= 0.15 * measured, (planned >> 20, measured >> 20)
 
 

@@ -4,8 +4,9 @@ weights    every tensor the model holds at that precision, counted from the mode
            with the same rules the loader applies (quantized Linears' exact buffer sizes, heads int8, tied copies)
 kv cache   what the engine allocates: keys and values for each layer and slot, context rounded up to 64
 activations one prefill chunk's largest live tensors and the logits rows (an upper estimate)
-runtime    the Python process with PyTorch, the tokenizer and lmforge imported (measured on this project's
-           machines; a CUDA build of PyTorch is larger)
+runtime    this very process (Python, PyTorch and lmforge imported: what a generate process holds before its model;
+           how much of PyTorch's libraries is resident varies by ~50 MB with the page cache) plus an allowance
+           for the tokenizer, the GGUF metadata and the load's transient copies
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.precision import QUANT_DTYPES
 
-RUNTIME_BYTES = 330 << 20  # `import torch` ~220 MB, lmforge + rich, tokenizer, GGUF metadata, load transients: measured
+RUNTIME_BYTES = 330 << 20  # where /proc cannot tell: `import torch` ~220 MB + lmforge + the allowance below
+LOAD_ALLOWANCE = 80 << 20  # tokenizer, GGUF metadata, a load's transient copies: measured for SmolLM2 here
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PREFILL_CHUNK = 512  # the engine's default
 
@@ -86,7 +88,19 @@ def plan(cfg: ModelConfig, dtype: str, context: int | None = None, batch: int = 
     if context > cfg.max_seq_len:
         raise LmforgeError(f"context {context} exceeds the model's {cfg.max_seq_len} tokens")
     return MemoryPlan(weight_bytes(cfg, dtype), kv_cache_bytes(cfg, dtype, context, batch),
-                      activation_bytes(cfg, dtype, context, batch), RUNTIME_BYTES)
+                      activation_bytes(cfg, dtype, context, batch), runtime_bytes())
+
+
+def runtime_bytes() -> int:
+    """This process's resident memory now (Linux) plus LOAD_ALLOWANCE; RUNTIME_BYTES elsewhere."""
+    import re
+
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+    except OSError:
+        found = None
+    return int(found.group(1)) * 1024 + LOAD_ALLOWANCE if found else RUNTIME_BYTES
 
 
 def _float_bytes(dtype: str) -> int:
