@@ -19,9 +19,6 @@ from lmforge.weights.gguf import config_from_gguf, is_gguf
 from lmforge.weights.hf import config_from_hf
 from lmforge.weights.registry import resolve
 
-# bytes per parameter: int8 with per-row scales (negligible), int4 with one fp16 scale per 32 weights
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 32}
-
 
 def read_config(path: Path) -> tuple[ModelConfig, str]:
     """(config, storage description) from a GGUF header or an HF config.json."""
@@ -137,6 +134,8 @@ def inspect_model(name: str) -> dict[str, Any]:
         "d_model / heads / kv heads": f"{cfg.d_model} / {cfg.n_head} / {cfg.n_kv_head}",
         "vocabulary": cfg.vocab_size, "positions": cfg.pos,
     }
-    for precision, per_param in BYTES_PER_PARAM.items():
-        info[f"memory {precision}"] = _size(n * per_param)
+    from lmforge.memory import weight_bytes
+
+    for precision in ("float32", "bfloat16", "int8", "int4"):  # the weights as load holds them (memory.py)
+        info[f"weights {precision}"] = _size(weight_bytes(cfg, precision))
     return info

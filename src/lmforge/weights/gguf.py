@@ -1,5 +1,5 @@
-"""GGUF files (llama architecture): metadata -> ModelConfig + tokenizer fields; tensors dequantized, or Q4/Q8
-blocks repacked straight into model/quantize.py's byte rows (no float copy of the model ever exists)."""
+"""GGUF files (llama architecture): metadata -> ModelConfig + tokenizer fields; tensors dequantized, or kept as
+model/quantize.py's block rows (GGUF's own Q4_1 / Q8_0 bytes): no float copy of the model ever exists."""
 
 from __future__ import annotations
 
@@ -146,8 +146,9 @@ def load_gguf(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any]]:
     """A GGUF file -> (config, our state dict, metadata for the tokenizer and chat template). Without `quant`
-    every tensor is `dtype`. With it, each Linear's weight becomes byte rows of the kind `layer_kind` picks (a
-    tied head gets its rows under "lm_head.weight" from the embedding's blocks) and the rest is `dtype`; a note
+    every tensor is `dtype`. With it, each Linear's weight becomes block rows of the kind `layer_kind` picks (a
+    tied head gets its rows under "lm_head.weight" from the embedding's blocks), the embedding table bf16 and
+    the rest `dtype`; a note
     names any tensor that could not be kept in its file's blocks. `header` is scan_gguf's (checked) reading of
     the file. Tensors are read one at a time: no float copy of the whole model exists beside the result."""
     header = header or scan_gguf(path)
@@ -165,8 +166,8 @@ def load_gguf(
             continue
         is_head = t.name == "output.weight" or t.name == "token_embd.weight"
         kind = layer_kind(quant, group, "lm_head" if is_head else t.name, int(t.shape[0]))
-        if t.name == "token_embd.weight":  # looked up as floats; as the tied head, also quantized
-            tensors[t.name] = dequantized(t, dtype)
+        if t.name == "token_embd.weight":  # looked up as bf16 floats (build_quantized); as a tied head, quantized
+            tensors[t.name] = dequantized(t, torch.bfloat16)
             if not cfg.tie_embeddings or kind is None:
                 continue
         if kind is None:

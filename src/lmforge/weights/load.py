@@ -34,11 +34,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The activation dtype: a quantized choice computes in bfloat16 (what the int kernels take)."""
+    """The activation dtype: a quantized model computes in fp32 (build_quantized)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in QUANT_DTYPES:
-        return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise LmforgeError(f"unknown dtype {dtype!r} (use one of: {', '.join([*DTYPES, *QUANT_DTYPES])})")
     return DTYPES[dtype]
@@ -154,6 +154,7 @@ def load(
             raise LmforgeError(f"bad GGUF file {path}: tensor shapes do not fit the config "
                                f"({str(e).splitlines()[0][:200]})") from None
         tokenizer = _gguf_tokenizer(meta, path)
+        del header, meta  # ~100k vocabulary strings: not held while the model is built
     else:
         from lmforge.model_info import read_config
 
