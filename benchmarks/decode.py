@@ -10,7 +10,10 @@ Each lmforge precision (--dtypes) gets a row, with its load time (in this proces
 RSS of `lmforge generate --dtype D` on a short prompt (a fresh process each).
 
     .venv/bin/python benchmarks/decode.py [--runs 3] [--new-tokens 128] [--prompt-tokens 512] [--compile]
-                                          [--dtypes float32,bfloat16,int8,int4]
+                                          [--dtypes float32,bfloat16,int8,int4] [--batch 8]
+
+`--batch B` instead measures batched decode: B requests decoding together through the one engine (each weight
+read once per step for all rows), aggregate tokens/s against batch 1, per dtype.
 """
 
 from __future__ import annotations
@@ -124,6 +127,31 @@ def bench_llamacpp(n_prompt: int, n_new: int, runs: int) -> tuple[tuple[float, f
     return (r["prefill_tok_s"], r["decode_tok_s"]), note
 
 
+def batched_rate(dtype: str, rows: int, steps: int = 40) -> float:
+    """Aggregate tokens/s of `rows` greedy requests decoding together, after their prefill."""
+    model, tokenizer = load(MODEL, dtype=dtype)
+    engine = Engine(model, tokenizer, max_batch=rows, eos_ids=[])
+    for i in range(rows):
+        engine.add(tokenizer.encode(f"Story number {i}: once upon a time"), SamplingParams(max_new_tokens=steps + 8,
+                                                                                           temperature=0))
+    for _ in range(3):  # prefills and first tokens
+        engine.step()
+    start, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += sum(out.token is not None for out in engine.step())
+    return n / (time.perf_counter() - start)
+
+
+def main_batched(dtypes: list[str], rows: int, console: Console) -> None:
+    table = Table(title=f"SmolLM2-135M batched decode, {torch.get_num_threads()} threads, 40 steps")
+    for col in ("dtype", "batch 1 tok/s", f"batch {rows} tok/s (aggregate)", "gain"):
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for dtype in dtypes:
+        one, many = batched_rate(dtype, 1), batched_rate(dtype, rows)
+        table.add_row(dtype, f"{one:,.1f}", f"{many:,.1f}", f"{many / one:.2f}x")
+    console.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -131,9 +159,13 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--compile", action="store_true", help="also measure the engine with its decode step compiled")
     ap.add_argument("--dtypes", default="float32,bfloat16,int8,int4", help="lmforge precisions to measure")
+    ap.add_argument("--batch", type=int, default=0, help="measure batched decode at this many rows instead")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     console = Console(width=120)
+    if args.batch:
+        main_batched(args.dtypes.split(","), args.batch, console)
+        return
 
     _, tokenizer = load(MODEL)
     ids = tokenizer.encode(TEXT * 40)[: args.prompt_tokens]
