@@ -108,6 +108,3 @@ def _float_bytes(dtype: str) -> int:
         raise LmforgeError(f"unknown dtype {dtype!r} (use one of: {', '.join([*FLOAT_BYTES, *QUANT_DTYPES])})")
     return FLOAT_BYTES[dtype]
 
-
-def fits(total: int, budget_gib: float) -> bool:
-    return total <= budget_gib * 2**30

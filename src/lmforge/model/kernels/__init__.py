@@ -405,39 +405,39 @@ def _rows(x: Tensor, k: int) -> Tensor:
     return x.reshape(-1, k)
 
 
+def _matmul(kind: str, x: Tensor, packed: tuple[Tensor, ...], n: int, k: int, native: bool | None,
+            precise: bool) -> Tensor:
+    lib = _native(x, native)
+    entry = getattr(lib, f"{kind}_mm", None)
+    if entry is not None and x.dim() == 2:  # the decode fast path: no Python-side reshapes or checks
+        return entry(x, packed[0], packed[1], packed[2], n, k, precise)
+    x2 = _rows(x, k)
+    if entry is not None:
+        y = entry(x2, packed[0], packed[1], packed[2], n, k, precise)
+    else:
+        with torch.no_grad():
+            if kind == "int4":
+                codes, s, o = unpack_int4(packed, n, k)
+                y = _fallback(x2, codes, s, o, precise)
+            else:
+                codes, s = unpack_int8(packed, n, k)
+                y = _fallback(x2, codes, s, None, precise)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def int4_mm(x: Tensor, packed: tuple[Tensor, ...], n: int, k: int, native: bool | None = None, *,
             precise: bool = False) -> Tensor:
     """x (..., K), any float dtype (computed in fp32) -> (..., N) float32: x quantized per block to int8 (twice,
     the second time its residual, when precise: see the module docstring), times the int4 weights. The extension
     checks shapes and dtypes itself (RuntimeError)."""
-    lib = _native(x, native)
-    if lib is not None and x.dim() == 2:  # the decode fast path: no Python-side reshapes or checks
-        return lib.int4_mm(x, packed[0], packed[1], packed[2], n, k, precise)
-    x2 = _rows(x, k)
-    if lib is not None:
-        y = lib.int4_mm(x2, packed[0], packed[1], packed[2], n, k, precise)
-    else:
-        with torch.no_grad():
-            codes, s, o = unpack_int4(packed, n, k)
-            y = _fallback(x2, codes, s, o, precise)
-    return y.reshape(*x.shape[:-1], n)
+    return _matmul("int4", x, packed, n, k, native, precise)
 
 
 def int8_mm(x: Tensor, packed: tuple[Tensor, ...], n: int, k: int, native: bool | None = None, *,
             precise: bool = False) -> Tensor:
     """x (..., K), any float dtype (computed in fp32) -> (..., N) float32: x quantized per block to int8 (twice
     when precise), times the int8 weights. The extension checks shapes and dtypes itself (RuntimeError)."""
-    lib = _native(x, native)
-    if lib is not None and x.dim() == 2:
-        return lib.int8_mm(x, packed[0], packed[1], packed[2], n, k, precise)
-    x2 = _rows(x, k)
-    if lib is not None:
-        y = lib.int8_mm(x2, packed[0], packed[1], packed[2], n, k, precise)
-    else:
-        with torch.no_grad():
-            codes, s = unpack_int8(packed, n, k)
-            y = _fallback(x2, codes, s, None, precise)
-    return y.reshape(*x.shape[:-1], n)
+    return _matmul("int8", x, packed, n, k, native, precise)
 
 
 @overload
