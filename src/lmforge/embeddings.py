@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # torch and the model load on first use: `lmforge --help` and
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer import Tokenizer
 
-__all__ = ["embed", "load_encoder", "max_tokens"]
+__all__ = ["embed", "embed_ids", "load_encoder", "max_tokens"]
 
 
 def _not_a_decoder(model: str) -> None:
@@ -85,21 +85,30 @@ def embed(
             stacklevel=2,
         )
 
-    pad_id = encoder.cfg.pad_token_id if encoder.cfg.pad_token_id is not None else tokenizer.pad_id or 0
-    # longest first, so each batch pads only to its own longest row and the largest batch is met first
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return embed_ids(encoder, ids, batch_size, progress, tokenizer.pad_id)
+
+
+def embed_ids(
+    encoder: Transformer, ids: list[list[int]], batch_size: int = 64, progress: bool = False, pad_id: int | None = None
+) -> np.ndarray:
+    """Token ids (already cut to `max_tokens`) -> (n, dim) float32 sentence embeddings, in input order. The pad
+    id only fills masked positions: the config's, else the tokenizer's `pad_id`, else 0."""
     import torch
     from rich.console import Console
     from rich.progress import Progress
 
-    out = np.empty((len(ids), dim), dtype=np.float32)
+    if encoder.cfg.pad_token_id is not None:
+        pad_id = encoder.cfg.pad_token_id
+    # longest first, so each batch pads only to its own longest row and the largest batch is met first
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = np.empty((len(ids), encoder.cfg.d_model), dtype=np.float32)
     bar = Progress(console=Console(stderr=True), transient=True, disable=not progress)
     # not around load_encoder: cached weights must stay usable with autograd
     with torch.inference_mode(), bar:
         task = bar.add_task("embedding", total=len(order))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            out[rows] = _embed_batch(encoder, [ids[i] for i in rows], pad_id)
+            out[rows] = _embed_batch(encoder, [ids[i] for i in rows], pad_id or 0)
             bar.advance(task, len(rows))
     return out
 
