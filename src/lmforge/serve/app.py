@@ -517,20 +517,30 @@ class BodyLimit:
         too_big = ApiError(413, f"request body over {self.limit} bytes", code="body_too_large").response()
         if declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)
-        seen = 0
+        seen, over = 0, False
 
-        async def counted() -> dict[str, Any]:
-            nonlocal seen
+        async def counted() -> dict[str, Any]:  # past the limit the app is told the client left, and we answer
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ApiError(413, f"request body over {self.limit} bytes", code="body_too_large")
+                over = True
+                return {"type": "http.disconnect"}
             return message
 
+        async def guarded(message: dict[str, Any]) -> None:
+            if not over:
+                await send(message)
+
         try:
-            await self.app(scope, counted, send)
-        except ApiError as e:
-            await e.response()(scope, receive, send)
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await too_big(scope, receive, send)
 
 
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:

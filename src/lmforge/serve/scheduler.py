@@ -53,6 +53,8 @@ class Scheduler:
         self.capacity = engine.max_batch + max_queue
         self.outstanding = 0  # accepted requests (choices) not yet finished
         self.draining = False
+        self.peak_running = 0  # the most requests decoded together so far
+        self.aborted = 0  # requests dropped because their client went away
         self._lock = threading.Lock()
         self._inbox: queue.SimpleQueue[tuple[str, Job]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -120,6 +122,7 @@ class Scheduler:
             except Exception as e:  # a bug or out of memory: every request in flight fails, the server goes on
                 self._end_all(lambda job, index, e=e: e)
                 continue
+            self.peak_running = max(self.peak_running, len(outputs))
             for out in outputs:
                 job, index = self._owner[out.request_id]
                 job.deliver(index, out)
@@ -146,6 +149,7 @@ class Scheduler:
             else:
                 for rid in job.request_ids:
                     if rid in self._owner and self.engine.abort(rid):
+                        self.aborted += 1
                         self._done(rid)
 
     def _end_all(self, item: Callable[[Job, int], Aborted | BaseException]) -> None:
