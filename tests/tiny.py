@@ -17,14 +17,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def llama_folder(folder: Path, layers: int = 1, chat_template: bool = False, seed: int = 0) -> Path:
+def llama_folder(folder: Path, layers: int = 1, chat_template: bool = False, seed: int = 0, context: int = 64) -> Path:
     """A random Llama (d_model 32, GQA) saved by transformers, with the byte tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=BYTE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=256,
+        num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=256,
         eos_token_id=256,
     )
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
 
+from lmforge.engine import StepOutput
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams, stream_outputs
 from lmforge.model.transformer import Transformer
 from lmforge.stats import format_stats
 from lmforge.textio import decode_utf8
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lmforge.client import Client, Delta
 
 HELP = "commands: /help shows this, /reset clears the conversation, /exit quits; Ctrl-C stops an answer"
 
@@ -25,6 +30,23 @@ def fit_history(
         if len(ids) <= budget or len(messages) - first <= 1:
             return ids, messages
         messages = messages[:first] + messages[first + 2 :]  # one user + assistant exchange
+
+
+def _answer(model: Transformer | None, tokenizer: Tokenizer | None, remote: Client | None,
+            messages: list[dict[str, str]], params: SamplingParams, budget: int) -> Iterator[StepOutput | Delta]:
+    """The answer to the conversation as it streams, from the remote server or the local model (whose context
+    may need the earliest turns dropped from `messages`, in place)."""
+    if remote is not None:
+        yield from remote.stream_chat(messages, params)
+        return
+    assert model is not None and tokenizer is not None
+    before = len(messages)
+    ids, kept = fit_history(tokenizer, messages, budget)
+    if len(kept) < before:
+        messages[:] = kept
+        dropped = (before - len(kept)) // 2  # one turn = a question and its answer
+        print(f"(dropped {dropped} earliest turn{'s' if dropped != 1 else ''} to fit the context)", file=sys.stderr)
+    yield from stream_outputs(model, tokenizer, ids, params, truncate=True)
 
 
 def _read_turn(stdin: TextIO, interactive: bool) -> str:
@@ -49,24 +71,26 @@ def _read_turn(stdin: TextIO, interactive: bool) -> str:
 
 
 def chat_session(
-    model: Transformer,
-    tokenizer: Tokenizer,
+    model: Transformer | None,
+    tokenizer: Tokenizer | None,
     params: SamplingParams,
     system: str | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     stats: bool = False,
     load_seconds: float = 0.0,
+    remote: Client | None = None,
 ) -> list[dict[str, str]]:
     """Read user turns until EOF or /exit; returns the final conversation. `stats` prints each answer's token
-    counts, speeds and memory to stderr (with the model's load time), as `ollama run --verbose` does."""
+    counts, speeds and memory to stderr (with the model's load time), as `ollama run --verbose` does. With
+    `remote` the answers come from that server (which keeps to its own context) instead of model/tokenizer."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty() and stdout.isatty()
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     if interactive:
         print(HELP, file=sys.stderr)
-    budget = model.cfg.max_seq_len - min(params.max_new_tokens, model.cfg.max_seq_len // 2)
+    budget = model.cfg.max_seq_len - min(params.max_new_tokens, model.cfg.max_seq_len // 2) if model else 0
     while True:
         try:
             line = _read_turn(stdin, interactive)
@@ -99,14 +123,9 @@ def chat_session(
             print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        before = len(messages)
-        ids, messages = fit_history(tokenizer, messages, budget)
-        if len(messages) < before:
-            dropped = (before - len(messages)) // 2  # one turn = a question and its answer
-            print(f"(dropped {dropped} earliest turn{'s' if dropped != 1 else ''} to fit the context)", file=sys.stderr)
         answer, usage = "", None
         try:
-            for out in stream_outputs(model, tokenizer, ids, params, truncate=True):
+            for out in _answer(model, tokenizer, remote, messages, params, budget):
                 answer += out.text
                 usage = out.usage or usage
                 stdout.write(out.text)

@@ -59,6 +59,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
+def _add_remote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-base", default=os.environ.get("LMFORGE_API_BASE"), metavar="URL",
+                   help="use a remote OpenAI-compatible server (lmforge serve, vLLM, llama-server) instead of a local "
+                   "model; --model then names the server's model (default: its first)")
+    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"), help="the remote server's key")
+
+
+def _remote(args: argparse.Namespace):  # noqa: ANN202 (lmforge.client.Client, imported late)
+    from lmforge.client import Client
+    from lmforge.weights.registry import DEFAULT_CHAT_MODEL
+
+    if args.dtype != "auto":
+        raise LmforgeError("--dtype is for a local model; the remote server chose its own precision")
+    model = None if args.model == DEFAULT_CHAT_MODEL else args.model
+    return Client(args.api_base, args.api_key, model)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
     # defaults measured by benchmarks/chat_defaults.py (12 factual questions x 4 seeds + 3 open requests on the
@@ -102,12 +119,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.model_info import require_generator
     from lmforge.stats import format_stats
 
-    require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     if args.system is not None and not args.chat:
         raise LmforgeError("--system needs --chat (a system prompt is part of the chat template)")
     if args.logprobs is not None and args.format != "json":
         raise LmforgeError("--logprobs needs --format json")
     params = _sampling(args)
+    if args.api_base:
+        return _generate_remote(args, params)
+    require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     start = time.perf_counter()
     model, tokenizer = _load(args)
     load_seconds = time.perf_counter() - start
@@ -132,14 +151,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(args: argparse.Namespace, params: SamplingParams) -> int:
+    import json
+
+    from lmforge.stats import format_stats
+
+    for flag, given in (("--logprobs", args.logprobs is not None), ("--truncate", args.truncate)):
+        if given:
+            raise LmforgeError(f"{flag} is for a local model, not with --api-base")
+    client = _remote(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        deltas = client.stream_chat(messages, params)
+    else:
+        deltas = client.stream_text(args.prompt, params)
+    text, reason, usage = "", None, None
+    for delta in deltas:
+        text += delta.text
+        reason, usage = delta.finish_reason or reason, delta.usage or usage
+        if args.format == "text":
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+    if args.format == "json":
+        counts = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.prompt_tokens + usage.completion_tokens} if usage else None
+        print(json.dumps({"text": text, "finish_reason": reason, "usage": counts, "tokens": []}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    if args.stats and usage is not None:
+        print(format_stats(0.0, usage), file=sys.stderr)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import time
 
     from lmforge.chat import chat_session
     from lmforge.model_info import require_generator
 
-    require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     params = _sampling(args)
+    if args.api_base:
+        chat_session(None, None, params, system=args.system, stats=args.stats, remote=_remote(args))
+        return 0
+    require_generator(args.model)  # from the config alone: an encoder is refused before its weights load
     start = time.perf_counter()
     model, tokenizer = _load(args)
     load_seconds = time.perf_counter() - start
@@ -233,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt for --chat (default: the template's own)")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens instead of failing")
     _add_sampling_args(p, max_new_tokens=256)
+    _add_remote_args(p)
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help="json: one object with text, finish_reason, usage and the tokens")
     p.add_argument("--logprobs", type=_logprobs, default=None, metavar="K",
@@ -244,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     _add_sampling_args(p, max_new_tokens=256)  # measured: the longest correct answer took 183 tokens
+    _add_remote_args(p)
     p.add_argument("--stats", action="store_true", help="after each answer, print token counts, speeds and memory")
     p.set_defaults(func=cmd_chat)
 
@@ -306,7 +363,7 @@ def _one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if hasattr(args, "dtype") and args.dtype == "auto":
+    if hasattr(args, "dtype") and args.dtype == "auto" and not getattr(args, "api_base", None):
         from lmforge.weights.load import default_dtype
 
         args.dtype = default_dtype(getattr(args, "model", None))

@@ -65,9 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from lmforge.weights.load import load
 
     tmp = tmp_path_factory.mktemp("chat-page")
-    folder = llama_folder(tmp / "tiny", layers=2, chat_template=True)
-    config = folder / "config.json"  # room for a few turns of random bytes (rotary positions: no weights change)
-    config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 512}))
+    folder = llama_folder(tmp / "tiny", layers=2, chat_template=True, context=512)  # room for a few turns
     model, tokenizer = load(folder, dtype="float32")
     app = build(model, tokenizer, ServeOptions(name="tiny", feedback=tmp / "feedback.jsonl", max_tokens=MAX_TOKENS))
     sock = socket.socket()

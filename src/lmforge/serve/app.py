@@ -260,7 +260,8 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(served: Served, job: Job, chunk: Callable[[int, Choice, StepOutput | Aborted | None], Any],
+async def _events(served: Served, job: Job, head: dict[str, Any],
+                  chunk: Callable[[int, Choice, StepOutput | Aborted | None], Any],
                   usage: Callable[[list[Choice]], p.Usage] | None) -> AsyncIterator[str]:
     """A job's outputs as server-sent events: one chunk per choice to start, one per output, usage, [DONE].
     Closing the generator early (the client hung up) aborts whatever of the job still runs."""
@@ -283,16 +284,18 @@ async def _events(served: Served, job: Job, chunk: Callable[[int, Choice, StepOu
                 yield _sse(body)
             left -= choices[index].finish_reason is not None
         if usage is not None:
-            yield _sse({**chunk(0, choices[0], None), "choices": [], "usage": usage(choices).model_dump()})
+            yield _sse({**head, "choices": [], "usage": usage(choices).model_dump()})
         yield "data: [DONE]\n\n"
     finally:
         if left:
             served.scheduler.abort(job)
 
 
-def _stream(served: Served, job: Job, chunk: Callable[[int, Choice, StepOutput | Aborted | None], Any],
+def _stream(served: Served, job: Job, head: dict[str, Any],
+            chunk: Callable[[int, Choice, StepOutput | Aborted | None], Any],
             usage: Callable[[list[Choice]], p.Usage] | None) -> StreamingResponse:
-    return StreamingResponse(_events(served, job, chunk, usage), media_type="text/event-stream",
+    """`head`: the fields every event of this response repeats (id, object, created, model, ...)."""
+    return StreamingResponse(_events(served, job, head, chunk, usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -367,12 +370,10 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> A
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+            "system_fingerprint": FINGERPRINT, **({"usage": None} if include_usage else {})}
 
     def chunk(index: int, choice: Choice, item: StepOutput | Aborted | None) -> dict[str, Any] | None:
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "system_fingerprint": FINGERPRINT}
-        if include_usage:
-            head["usage"] = None
         if item is None:  # the opening chunk of each choice carries the role
             delta: dict[str, Any] = {"role": "assistant", "content": ""}
             return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
@@ -388,7 +389,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> A
         return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": choice.finish_reason}]}
 
-    return _stream(served, job, chunk, usage if include_usage else None)
+    return _stream(served, job, head, chunk, usage if include_usage else None)
 
 
 @api.post("/completions", response_model=p.TextCompletion, responses={**STREAM_OK, **GENERATE_ERRORS})
@@ -421,12 +422,10 @@ async def completions(body: p.CompletionRequest, request: Request) -> Any:
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     offsets = [0] * len(jobs)
+    head = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+            "system_fingerprint": FINGERPRINT, **({"usage": None} if include_usage else {})}
 
     def chunk(index: int, choice: Choice, item: StepOutput | Aborted | None) -> dict[str, Any] | None:
-        head = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "system_fingerprint": FINGERPRINT}
-        if include_usage:
-            head["usage"] = None
         if item is None:
             text = echoes[index // body.n]
             if not text:
@@ -443,7 +442,7 @@ async def completions(body: p.CompletionRequest, request: Request) -> Any:
         return {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                      "finish_reason": choice.finish_reason if item is not None else None}]}
 
-    return _stream(served, job, chunk, usage if include_usage else None)
+    return _stream(served, job, head, chunk, usage if include_usage else None)
 
 
 @api.post("/embeddings", response_model=p.EmbeddingList, responses=GENERATE_ERRORS)
