@@ -105,6 +105,7 @@ class Engine:
         prefill_chunk: int = 512,
         eos_ids: list[int] | None = None,
         compile: bool = False,
+        prefill_tokens: int = 4096,  # a step prefills several requests together, up to this many (padded) tokens
     ) -> None:
         cfg = model.cfg
         if cfg.family == "encoder":
@@ -113,7 +114,7 @@ class Engine:
         if max_batch < 1 or prefill_chunk < 1:
             raise LmforgeError("max_batch and prefill_chunk must be >= 1")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.max_batch, self.prefill_chunk, self.prefill_tokens = max_batch, prefill_chunk, prefill_tokens
         self.eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.device = model.tok_emb.weight.device
         self.cache: KVCache | None = None
@@ -174,7 +175,12 @@ class Engine:
         out: list[StepOutput] = []
         self._admit()
         decoding = [r for r in self.running.values() if r.pending is not None]
-        for r in [r for r in self.running.values() if r.pending is None]:
+        prefilling = [r for r in self.running.values() if r.pending is None]
+        if len(prefilling) > 1 and self.model.cfg.family == "decoder":
+            for r, logits in self._prefill_together(prefilling):
+                r.t_first = time.perf_counter()
+                out.append(self._emit(r, logits))
+        for r in prefilling if len(prefilling) == 1 or self.model.cfg.family != "decoder" else []:
             logits = self._prefill_chunk(r)
             if logits is not None:
                 r.t_first = time.perf_counter()
@@ -239,6 +245,39 @@ class Engine:
             model.decoder_forward(tokens, positions, view)
             return None
         return model(tokens, positions, view, read_at=end - begin - 1)[0]
+
+    def _prefill_together(self, rows: list[_Request]) -> list[tuple[_Request, Tensor]]:
+        """The next chunk of several requests' prompts in one forward, padded to the longest: a pad sits after its
+        row's real tokens, at the next positions of the row's own slot, and is overwritten before it is read (as
+        decode's dummy rows). Rows past the step's token budget wait for the next step. -> (request, (V,) logits)
+        for each request whose prompt is now all in the cache."""
+        assert self.cache is not None
+        group: list[tuple[_Request, int, int]] = []
+        width = 0
+        for r in rows:
+            begin = r.prefilled
+            end = min(len(r.prompt), begin + self.prefill_chunk)
+            wider = max(width, end - begin)
+            fits = all(b + wider <= self.cache.max_len for _, b, _ in group) and begin + wider <= self.cache.max_len
+            if group and (not fits or wider * (len(group) + 1) > self.prefill_tokens):
+                continue
+            group.append((r, begin, end))
+            width = wider
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for i, (r, begin, end) in enumerate(group):
+            tokens[i, : end - begin] = torch.tensor(r.prompt[begin:end])
+        starts = torch.tensor([begin for _, begin, _ in group])
+        positions = (starts[:, None] + torch.arange(width)[None]).to(self.device)
+        view = self.cache.gather([r.slot for r, _, _ in group], positions, kv_len=int(starts.max()) + width)
+        last = torch.tensor([end - begin - 1 for _, begin, end in group], device=self.device)
+        logits = self.model(tokens.to(self.device), positions, view, read_at=last)
+        done = []
+        for i, (r, _, end) in enumerate(group):
+            r.prefilled = end
+            self.cache.lengths[r.slot] = end
+            if end == len(r.prompt):
+                done.append((r, logits[i]))
+        return done
 
     def _decode_rows(self, rows: list[_Request]) -> Tensor:
         """One batched forward over slots 0..max slot: rows not decoding now (free, or prefilled this step) ride

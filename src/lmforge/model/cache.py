@@ -74,6 +74,14 @@ class KVCache:
         memory_len = max(self.memory_lengths[first : first + positions.shape[0]], default=0)
         return CacheStep(self, first, positions, kv_len, start, memory_len)
 
+    def gather(self, slots: list[int], positions: Tensor, kv_len: int) -> CacheStep:
+        """The view of a forward call over any slots (B of them, in this order) at `positions` (B, T): a
+        decoder's prefill of several requests at once. Writes scatter into the slots; reads gather them."""
+        if kv_len > self.max_len:
+            raise LmforgeError(f"context overflow: {kv_len} tokens > cache of {self.max_len}")
+        index = torch.tensor(slots, device=self.k.device)
+        return CacheStep(self, slots[0], positions, kv_len, slots=index)
+
     def set_memory(self, first: int, memory_kv: list[tuple[Tensor, Tensor]], valid: Tensor) -> None:
         """Store the cross-attention keys/values of rows first..first+B-1 (each (B, n_kv, S, hd))."""
         assert self.memory_k is not None and self.memory_v is not None and self.memory_valid is not None
@@ -100,6 +108,7 @@ class CacheStep:
     kv_len: int  # keys to read per row: max(positions) + 1
     start: int | None = None  # when every row writes positions start..start+T-1: a slice, not a scatter
     memory_len: int = 0  # encoder-decoder: encoder positions to read
+    slots: Tensor | None = None  # (B,) the rows' slots when they are not first..first+B-1
 
     @property
     def rows(self) -> slice:
@@ -107,6 +116,11 @@ class CacheStep:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this call's k, v (B, n_kv, T, hd) at their positions; return all keys/values to attend to."""
+        if self.slots is not None:  # index (B, 1) x (B, T) -> (B, T, n_kv, hd), as below
+            k_all, v_all, slot = self.cache.k[layer], self.cache.v[layer], self.slots[:, None]
+            k_all[slot, :, self.positions] = k.transpose(1, 2).to(k_all.dtype)
+            v_all[slot, :, self.positions] = v.transpose(1, 2).to(v_all.dtype)
+            return k_all[self.slots, :, : self.kv_len], v_all[self.slots, :, : self.kv_len]
         k_rows, v_rows = self.cache.k[layer, self.rows], self.cache.v[layer, self.rows]  # views (B, n_kv, L, hd)
         if self.start is not None:
             T = k.shape[2]
