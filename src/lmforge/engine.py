@@ -106,6 +106,7 @@ class Engine:
         eos_ids: list[int] | None = None,
         compile: bool = False,
         prefill_tokens: int = 4096,  # a step prefills several requests together, up to this many (padded) tokens
+        kv_dtype: torch.dtype | None = None,  # default: the model's (see Transformer.new_cache)
     ) -> None:
         cfg = model.cfg
         if cfg.family == "encoder":
@@ -115,6 +116,7 @@ class Engine:
             raise LmforgeError("max_batch and prefill_chunk must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_chunk, self.prefill_tokens = max_batch, prefill_chunk, prefill_tokens
+        self.kv_dtype = kv_dtype
         self.eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.device = model.tok_emb.weight.device
         self.cache: KVCache | None = None
@@ -208,7 +210,7 @@ class Engine:
             return
         cols = max(need, self.max_len)
         cols = min(-(-cols // 64) * 64, max(need, self.model.cfg.max_seq_len))  # whole 64s, within the context
-        new = self.model.new_cache(self.max_batch, cols)
+        new = self.model.new_cache(self.max_batch, cols, dtype=self.kv_dtype)
         old = self.cache
         if old is not None:  # rare: rows keep their slots and contents
             new.k[:, :, :, : old.max_len] = old.k

@@ -362,10 +362,15 @@ class Transformer(nn.Module):
             return hidden
         raise LmforgeError(f"a {cfg.family} model has no {head!r} head")
 
-    def new_cache(self, slots: int, max_len: int, memory_len: int | None = None) -> KVCache:
-        """A KV cache on the model's device and dtype; an encoder-decoder's holds its encoder keys/values too."""
+    def new_cache(
+        self, slots: int, max_len: int, memory_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A KV cache on the model's device, in its embedding dtype unless `dtype` says otherwise (a quantized
+        model's bf16 halves the memory; its fp32 activation dtype saves converting keys/values every step); an
+        encoder-decoder's holds its encoder keys/values too."""
         p = self.tok_emb.weight
         n_layer = len(self.decoder) if self.decoder is not None else 0
         if memory_len is None:
             memory_len = self.cfg.max_seq_len if self.cfg.family == "encoder-decoder" else 0
-        return KVCache(n_layer, slots, max_len, self.cfg.n_kv_head, self.cfg.head_dim, p.device, p.dtype, memory_len)
+        return KVCache(n_layer, slots, max_len, self.cfg.n_kv_head, self.cfg.head_dim, p.device, dtype or p.dtype,
+                       memory_len)

@@ -601,6 +601,8 @@ def create_app(served: Served) -> FastAPI:
 
 def build(model: Transformer, tokenizer: Tokenizer, options: ServeOptions, encoder: Transformer | None = None,
           encoder_tokenizer: Tokenizer | None = None) -> FastAPI:
-    engine = Engine(model, tokenizer, max_batch=options.max_batch)
+    # a quantized model computes in fp32 over a bf16 cache by default: converting the keys/values of every row at
+    # every step cost more than the attention itself at 32 rows, so the server keeps them in the compute dtype
+    engine = Engine(model, tokenizer, max_batch=options.max_batch, kv_dtype=model.act_dtype)
     scheduler = Scheduler(engine, max_queue=options.max_queue)
     return create_app(Served(model, tokenizer, options, scheduler, encoder, encoder_tokenizer))
