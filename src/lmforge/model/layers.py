@@ -128,11 +128,25 @@ class Attention(nn.Module):
                 k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd): every key this call may attend to
         if k.dtype != q.dtype:  # a quantized model's bf16 cache: attention in fp32 (bf16 SDPA is ~4x slower here)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if T == 1 and B >= 16 and not self.training and (mask is None or mask.dtype == torch.bool):
+            return self.out(decode_attention(q, k, v, mask, self.scale).transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float) -> Tensor:
+    """One new token per row against its keys: q (B, H, 1, hd), k/v (B, n_kv, S, hd), keep (B, 1, 1, S) ->
+    (B, H, 1, hd). Two batched matmuls with each kv head's query heads side by side; on CPU this is ~2x faster
+    than SDPA for 32 rows and as fast for 8 (SDPA stays faster for one row)."""
+    B, H, _, hd = q.shape
+    n_kv = k.shape[1]
+    scores = torch.matmul(q.reshape(B, n_kv, H // n_kv, hd), k.transpose(-1, -2)) * scale  # (B, n_kv, H/n_kv, S)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v).reshape(B, H, 1, hd)
 
 
 class MLP(nn.Module):
