@@ -45,6 +45,9 @@ class SamplingParams:
             raise LmforgeError(f"logprobs must be in [0, 20], got {self.logprobs}")
 
 
+NUCLEUS_CANDIDATES = 256
+
+
 def sample(
     logits: Tensor, history: Tensor | None, p: SamplingParams, generator: torch.Generator | None
 ) -> Tensor:
@@ -61,13 +64,29 @@ def sample(
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the mass before it already reaches top_p (the first one always stays)
-        drop = probs.cumsum(dim=-1) - probs >= p.top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = logits.softmax(dim=-1)
+    if p.top_p >= 1.0:
+        return draw(probs, generator)
+    # the nucleus is rarely more than a few dozen tokens: look for it among the most likely NUCLEUS_CANDIDATES
+    # first; sorting the whole vocabulary (~6 ms for 49k tokens, more than a decode step) only when their mass
+    # falls short of top_p
+    top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # descending
+    if top.shape[-1] < probs.shape[-1] and bool((top.sum(dim=-1) < p.top_p).any()):
+        top, order = probs.sort(dim=-1, descending=True)
+    # drop a token once the mass before it already reaches top_p (the first one always stays)
+    top = top.masked_fill(top.cumsum(dim=-1) - top >= p.top_p, 0.0)
+    return order.gather(1, draw(top, generator)[:, None]).squeeze(1)
+
+
+def draw(weights: Tensor, generator: torch.Generator | None) -> Tensor:
+    """(B, n) non-negative weights -> (B,) one index per row, drawn with probability proportional to its weight.
+    By the inverse CDF: one uniform number per row (torch.multinomial takes ~1.5 ms over 49k tokens on CPU)."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device, dtype=cdf.dtype) * total
+    index = torch.searchsorted(cdf, u, right=True)
+    # u rounds up to the total once in ~10^7 draws: the last entry of positive weight, never a zero-weight one
+    return torch.minimum(index, (cdf < total).sum(dim=-1, keepdim=True)).squeeze(1)
 
 
 def token_logprobs(logits: Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
