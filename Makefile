@@ -48,6 +48,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
 bench: install
+	$(PIP) install -q -e ".[test,bench]"
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/quality.py
