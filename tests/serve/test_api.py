@@ -260,3 +260,60 @@ def test_no_embedding_model_and_no_feedback_file_are_clear_errors(models):
         assert "feedback" in error_of(c.post("/v1/feedback", json={"messages": HI, "response": "x", "rating": 1}),
                                       400)["message"]
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
+
+
+# ---- RAG mode ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rag_client(models, tmp_path_factory):
+    from lmforge.rag.index import index_paths
+    from lmforge.rag.store import open_store
+
+    root = tmp_path_factory.mktemp("rag")
+    docs = root / "docs"
+    docs.mkdir()
+    (docs / "festival.md").write_text("# The Zorblax festival\n\nThe Zorblax festival is held every March in "
+                                      "Quibbleton.\n")
+    (docs / "garden.md").write_text("# Tomatoes\n\nTomatoes need full sun and regular watering.\n")
+    store = open_store(root / "store.db")
+    index_paths([docs], store)
+    store.close()
+    model, tokenizer = load(llama_folder(root / "llama", layers=2, chat_template=True, context=1024), dtype="float32")
+    randomized(model, seed=1, scale=0.1)  # a context with room for the sources
+    rag_models = (model, tokenizer, *models[2:])
+    with make_client(rag_models, rag_store=str(root / "store.db")) as c:
+        yield c, rag_models
+
+
+def test_rag_requests_answer_from_the_store_with_citations(rag_client):
+    from lmforge.rag.answer import conversation_with_sources, retrieve_sources
+
+    rag_client, models = rag_client
+    served = rag_client.app.state.served
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "When is the Zorblax festival?"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0, "rag": {"k": 2}}
+    got = rag_client.post("/v1/chat/completions", json=body).json()
+    assert [c["n"] for c in got["citations"]] == [1, 2]
+    assert got["citations"][0]["source"].endswith("festival.md") and "Quibbleton" in got["citations"][0]["text"]
+    hits = retrieve_sources(messages[-1]["content"], served.store, 2)
+    turns = conversation_with_sources(messages, hits)
+    assert turns[0]["content"].startswith("Be brief.") and "[1] The Zorblax festival" in turns[-1]["content"]
+    text, _, _ = engine_text(models, chat_ids(models[1], turns), max_new_tokens=8, temperature=0)
+    assert got["choices"][0]["message"]["content"] == text  # the model saw exactly the sources
+    with rag_client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        data = events(r)
+    assert [c["n"] for c in data[0]["citations"]] == [1, 2] and "citations" in data[-2]
+    assert rag_client.get("/health").json()["rag"] is True
+
+
+def test_rag_with_nothing_relevant_says_so_and_without_a_store_is_400(rag_client, client):
+    rag_client, _ = rag_client
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "airspeed of an unladen swallow"}],
+            "rag": {"min_score": 0.9}}
+    got = rag_client.post("/v1/chat/completions", json=body).json()
+    assert got["choices"][0]["message"]["content"].startswith("I could not find") and got["citations"] == []
+    assert "no document store" in error_of(client.post("/v1/chat/completions", json={**body, "rag": True}), 400,
+                                           "rag")["message"]
+    error_of(rag_client.post("/v1/chat/completions", json={**body, "rag": {"k": 0}}), 400, "rag")

@@ -107,25 +107,47 @@ def check_grounding(text: str, hits: list[Hit], embed_model: str, min_similarity
     return checks
 
 
+def retrieve_sources(question: str, store: Store, k: int = 4, min_score: float = 0.25,
+                     embed_model: str | None = None, source_glob: str | None = None) -> list[Hit]:
+    """The k chunks for a question, each with its cosine similarity to it; [] when even the best is below
+    min_score: nothing relevant, so nothing should be generated."""
+    from lmforge.embeddings import embed
+    from lmforge.rag.index import store_embed_model
+
+    model = store_embed_model(store, embed_model)
+    hits = search(store, question, k, "hybrid", source_glob, model)
+    if not hits:
+        return []
+    vectors = embed([question] + [h.text for h in hits], model)
+    for h, sim in zip(hits, vectors[1:] @ vectors[0], strict=True):
+        h.similarity = float(sim)
+    return hits if max(h.similarity or 0.0 for h in hits) >= min_score else []
+
+
+def conversation_with_sources(messages: list[dict[str, str]], hits: list[Hit]) -> list[dict[str, str]]:
+    """A chat whose last user turn is answered from `hits`: the grounding instructions join any system prompt,
+    and the sources go into that last turn (earlier turns stay as they were)."""
+    system = "\n\n".join([m["content"] for m in messages if m["role"] == "system"] + [SYSTEM])
+    turns = [m for m in messages if m["role"] != "system"]
+    question = turns[-1]["content"] if turns else ""
+    head, last = prompt_messages(question, hits, system)
+    return [head, *turns[:-1], last]
+
+
 def answer(
     question: str, store: Store, generate: Generator, k: int = 4, min_score: float = 0.25,
     embed_model: str | None = None, source_glob: str | None = None, on_text: Callable[[str], None] | None = None,
 ) -> Answer:
     """Retrieve k chunks, and answer from them when the best is relevant enough (cosine >= min_score to the
     question); otherwise say nothing was found rather than let the model guess."""
-    from lmforge.embeddings import embed
     from lmforge.rag.index import store_embed_model
 
     model = store_embed_model(store, embed_model)
-    hits = search(store, question, k, "hybrid", source_glob, model)
-    if hits:
-        vectors = embed([question] + [h.text for h in hits], model)
-        for h, sim in zip(hits, vectors[1:] @ vectors[0], strict=True):
-            h.similarity = float(sim)
-    if not hits or max(h.similarity or 0.0 for h in hits) < min_score:
+    hits = retrieve_sources(question, store, k, min_score, model, source_glob)
+    if not hits:
         if on_text is not None:
             on_text(NOTHING)
-        return Answer(question, NOTHING, hits, found=False)
+        return Answer(question, NOTHING, [], found=False)
     pieces = []
     for piece in generate(prompt_messages(question, hits)):
         pieces.append(piece)

@@ -34,6 +34,9 @@ from lmforge import __version__
 from lmforge.engine import Engine, StepOutput
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import Transformer
+from lmforge.rag.answer import NOTHING, citations, conversation_with_sources, retrieve_sources
+from lmforge.rag.retrieve import Hit
+from lmforge.rag.store import Store
 from lmforge.sampling import SamplingParams
 from lmforge.serve import protocol as p
 from lmforge.serve.scheduler import Aborted, Job, Overloaded, Scheduler
@@ -73,6 +76,7 @@ class ServeOptions:
     top_p: float = 0.9
     max_body: int = 4 * 2**20
     feedback: Path | None = None  # the chat page's thumbs go here (JSONL)
+    rag_store: str | None = None  # a RAG store (SQLite file or postgresql:// URL): chat requests may ask for it
     shutdown_grace: float = 30.0
 
 
@@ -86,6 +90,7 @@ class Served:
     encoder_tokenizer: Tokenizer | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     feedback_lock: threading.Lock = field(default_factory=threading.Lock)
+    store: Store | None = None
 
 
 # ---- request checks ------------------------------------------------------------------------------------
@@ -143,12 +148,15 @@ def _sampling(served: Served, body: p.SamplingFields, prompt_len: int, max_token
     ]
 
 
-def _chat_prompt(served: Served, messages: list[p.ChatMessage]) -> list[int]:
-    tokenizer = served.tokenizer
+def _turns(messages: list[p.ChatMessage]) -> list[dict[str, str]]:
     _require(bool(messages), "messages must not be empty", "messages")
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+def _chat_prompt(served: Served, turns: list[dict[str, str]]) -> list[int]:
+    tokenizer = served.tokenizer
     if not tokenizer.chat_template:
         raise ApiError(400, f"{served.options.name} has no chat template: use /v1/completions", param="messages")
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
         text = tokenizer.apply_chat_template(turns)
     except LmforgeError as e:
@@ -350,7 +358,14 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> A
     served = _served(request)
     _check_model(served, body.model, "chat")
     _require(body.top_logprobs is None or body.logprobs, "top_logprobs needs logprobs: true", "top_logprobs")
-    prompt = _chat_prompt(served, body.messages)
+    turns = _turns(body.messages)
+    hits: list[Hit] | None = None
+    if body.rag:
+        hits = await _sources(served, turns, body.rag if isinstance(body.rag, p.RagOptions) else p.RagOptions())
+        if not hits:
+            return _nothing_found(body)
+        turns = conversation_with_sources(turns, hits)
+    prompt = _chat_prompt(served, turns)
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(served, body, len(prompt), body.max_completion_tokens or body.max_tokens, top)
     job = _submit(served, [(prompt, q) for q in params])
@@ -367,6 +382,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> A
             choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason
                                   or "abort", logprobs=_chat_logprobs(tokenizer, c.outputs) if body.logprobs else None)
                      for i, c in enumerate(choices)],
+            citations=_citations(hits, choices[0].text) if hits else None,
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -374,9 +390,10 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> A
             "system_fingerprint": FINGERPRINT, **({"usage": None} if include_usage else {})}
 
     def chunk(index: int, choice: Choice, item: StepOutput | Aborted | None) -> dict[str, Any] | None:
-        if item is None:  # the opening chunk of each choice carries the role
+        if item is None:  # the opening chunk of each choice carries the role (and with rag, the sources)
             delta: dict[str, Any] = {"role": "assistant", "content": ""}
-            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
+            opening = {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
+            return {**opening, "citations": _citations(hits, "", True)} if hits else opening
         token = isinstance(item, StepOutput) and item.token is not None
         if not (isinstance(item, StepOutput) and item.text) and choice.finish_reason is None and not (
             body.logprobs and token
@@ -386,10 +403,59 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> A
         if body.logprobs and token:
             logprobs = _chat_logprobs(tokenizer, [item]).model_dump()  # type: ignore[list-item]
         delta = {"content": item.text} if isinstance(item, StepOutput) and item.text else {}
-        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                     "finish_reason": choice.finish_reason}]}
+        event = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                      "finish_reason": choice.finish_reason}]}
+        if hits and choice.finish_reason is not None:  # the last chunk says which sources the answer cites
+            event["citations"] = _citations(hits, choice.text, True)
+        return event
 
     return _stream(served, job, head, chunk, usage if include_usage else None)
+
+
+async def _sources(served: Served, turns: list[dict[str, str]], options: p.RagOptions) -> list[Hit]:
+    """The chunks for the conversation's last user turn, retrieved off the event loop."""
+    if served.store is None:
+        raise ApiError(400, "this server has no document store (start it with --rag STORE)", param="rag")
+    _require(1 <= options.k <= 20, f"rag.k must be in [1, 20], got {options.k}", "rag")
+    _require(bool(turns) and turns[-1]["role"] == "user" and turns[-1]["content"].strip(),
+             "with rag, the last message must be the user's question", "messages")
+    store = served.store
+    try:
+        return await run_in_threadpool(retrieve_sources, turns[-1]["content"], store, options.k, options.min_score,
+                                       None, options.source)
+    except LmforgeError as e:
+        raise ApiError(400, str(e), param="rag") from None
+
+
+def _citations(hits: list[Hit], text: str, as_json: bool = False) -> Any:
+    cited = set(citations(text, len(hits)))
+    rows = [p.Citation(n=h.rank, source=h.source, title=h.title, text=h.text, start=h.start, end=h.end,
+                       score=h.similarity or 0.0, cited=h.rank in cited) for h in hits]
+    return [r.model_dump() for r in rows] if as_json else rows
+
+
+def _nothing_found(body: p.ChatCompletionRequest) -> Any:
+    """Nothing relevant was retrieved: say so, without asking the model to guess."""
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.stream:
+        return p.ChatCompletion(
+            id=rid, created=created, model=body.model, system_fingerprint=FINGERPRINT, citations=[],
+            usage=p.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+            choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=NOTHING), finish_reason="stop")
+                     for i in range(body.n)])
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+            "system_fingerprint": FINGERPRINT}
+
+    async def events() -> AsyncIterator[str]:
+        for i in range(body.n):
+            yield _sse({**head, "citations": [], "choices": [{"index": i, "delta": {"role": "assistant",
+                        "content": NOTHING}, "logprobs": None, "finish_reason": "stop"}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({**head, "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                                          "total_tokens": 0}})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 @api.post("/completions", response_model=p.TextCompletion, responses={**STREAM_OK, **GENERATE_ERRORS})
@@ -560,6 +626,8 @@ def create_app(served: Served) -> FastAPI:
         yield
         served.scheduler.drain(0)
         await asyncio.to_thread(served.scheduler.stop)
+        if served.store is not None:
+            served.store.close()
 
     app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API over a local model, with a chat page at /")
@@ -586,7 +654,8 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health", response_model=p.Health)
     def health() -> p.Health:
-        return p.Health(status="draining" if served.scheduler.draining else "ok", **served.scheduler.stats())
+        return p.Health(status="draining" if served.scheduler.draining else "ok", rag=served.store is not None,
+                        **served.scheduler.stats())
 
     static = resources.files("lmforge.serve") / "static"
 
@@ -605,4 +674,9 @@ def build(model: Transformer, tokenizer: Tokenizer, options: ServeOptions, encod
     # every step cost more than the attention itself at 32 rows, so the server keeps them in the compute dtype
     engine = Engine(model, tokenizer, max_batch=options.max_batch, kv_dtype=model.act_dtype)
     scheduler = Scheduler(engine, max_queue=options.max_queue)
-    return create_app(Served(model, tokenizer, options, scheduler, encoder, encoder_tokenizer))
+    store = None
+    if options.rag_store is not None:
+        from lmforge.rag.store import open_store
+
+        store = open_store(options.rag_store, create=False)
+    return create_app(Served(model, tokenizer, options, scheduler, encoder, encoder_tokenizer, store=store))

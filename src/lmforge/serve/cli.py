@@ -23,7 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
         name=args.served_name or args.model, embed_name=embed, api_keys=keys, max_batch=args.max_batch,
         max_queue=args.max_queue, max_tokens=args.max_tokens, feedback=feedback_path(args.feedback),
-        shutdown_grace=args.shutdown_grace,
+        shutdown_grace=args.shutdown_grace, rag_store=args.rag,
     )
     serve(args.model, args.dtype, options, embed, host=args.host, port=args.port)
     return 0
@@ -46,6 +46,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="for requests that do not set max_tokens")
     p.add_argument("--feedback", default="lmforge-feedback.jsonl",
                    help="JSONL file the chat page's thumbs-up/down go to ('' to keep none)")
+    p.add_argument("--rag", default=None, metavar="STORE",
+                   help="a store built by `lmforge rag index`: chat requests with \"rag\": true answer from it")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds requests in flight may finish after Ctrl-C/SIGTERM")
     p.set_defaults(func=cmd_serve)

@@ -51,11 +51,20 @@ class SamplingFields(BaseModel):
     user: str | None = None
 
 
+class RagOptions(BaseModel):
+    k: int = Field(4, description="chunks put in the prompt")
+    source: str | None = Field(None, description="only chunks whose source path matches this glob")
+    min_score: float = Field(0.25, description="below this similarity of the best chunk, answer that nothing was "
+                             "found instead of generating")
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    rag: bool | RagOptions | None = Field(None, description="extension: answer from the server's document store "
+                                          "(lmforge serve --rag); the response carries the sources as `citations`")
 
 
 class CompletionRequest(SamplingFields):
@@ -109,6 +118,19 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class Citation(BaseModel):
+    """A retrieved chunk that was put in the prompt as source [n]."""
+
+    n: int
+    source: str
+    title: str
+    text: str
+    start: int
+    end: int
+    score: float
+    cited: bool = Field(description="whether the answer cites it as [n]")
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
@@ -124,6 +146,7 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    citations: list[Citation] | None = Field(None, description="extension: with rag, the sources given to the model")
 
 
 class CompletionLogprobs(BaseModel):
@@ -179,6 +202,7 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "draining"]
+    rag: bool = Field(False, description="whether chat requests may ask for retrieval (`rag`)")
     running: int
     waiting: int
     capacity: int
