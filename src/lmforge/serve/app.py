@@ -91,6 +91,7 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     feedback_lock: threading.Lock = field(default_factory=threading.Lock)
     store: Store | None = None
+    store_lock: threading.Lock = field(default_factory=threading.Lock)  # one store connection, one user at a time
 
 
 # ---- request checks ------------------------------------------------------------------------------------
@@ -420,9 +421,13 @@ async def _sources(served: Served, turns: list[dict[str, str]], options: p.RagOp
     _require(bool(turns) and turns[-1]["role"] == "user" and turns[-1]["content"].strip(),
              "with rag, the last message must be the user's question", "messages")
     store = served.store
+
+    def retrieve() -> list[Hit]:
+        with served.store_lock:
+            return retrieve_sources(turns[-1]["content"], store, options.k, options.min_score, None, options.source)
+
     try:
-        return await run_in_threadpool(retrieve_sources, turns[-1]["content"], store, options.k, options.min_score,
-                                       None, options.source)
+        return await run_in_threadpool(retrieve)
     except LmforgeError as e:
         raise ApiError(400, str(e), param="rag") from None
 
