@@ -1,13 +1,17 @@
 """The chat page in a real browser: headless Debian chromium (Selenium, no driver download) against a real uvicorn
 server over a tiny random Llama. Streaming, Stop (the server aborts the request), thumbs into the feedback file,
-Regenerate, the system prompt and temperature, errors, the API key.
+Regenerate, the system prompt and temperature, errors, the API key; and against a second server with a RAG store
+(two markdown files indexed with the real MiniLM): the "Answer from documents" toggle, the sources under an answer,
+"no matching documents".
 
-Two seams on the server's engine, nothing else faked: every request ignores EOS (answers run to max_tokens, so
+Two seams on the servers' engines, nothing else faked: every request ignores EOS (answers run to max_tokens, so
 none comes out empty by chance), and `server.delay` slows each engine step so a stream lasts long enough to be
-watched growing or stopped."""
+watched growing or stopped. One test alone replaces the page's fetch with a scripted stream: the tiny model's
+random bytes hardly ever cite a source as [n], and that test is about how cited sources are drawn."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -57,17 +61,18 @@ class Server:
         return [json.loads(line) for line in self.feedback.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@contextlib.contextmanager
+def serving(tmp: Path, context: int, rag_store: Path | None = None) -> Iterator[Server]:
+    """uvicorn in a thread over a tiny random Llama, with the engine seams described above."""
     import uvicorn
 
     from lmforge.serve import ServeOptions, build
     from lmforge.weights.load import load
 
-    tmp = tmp_path_factory.mktemp("chat-page")
-    folder = llama_folder(tmp / "tiny", layers=2, chat_template=True, context=512)  # room for a few turns
+    folder = llama_folder(tmp / "tiny", layers=2, chat_template=True, context=context)
     model, tokenizer = load(folder, dtype="float32")
-    app = build(model, tokenizer, ServeOptions(name="tiny", feedback=tmp / "feedback.jsonl", max_tokens=MAX_TOKENS))
+    app = build(model, tokenizer, ServeOptions(name="tiny", feedback=tmp / "feedback.jsonl", max_tokens=MAX_TOKENS,
+                                               rag_store=None if rag_store is None else str(rag_store)))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -101,14 +106,49 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield info
-    uv.should_exit = True
-    thread.join(15)
-    sock.close()
+    try:
+        yield info
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
-def driver(server: Server) -> Iterator[WebDriver]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(tmp_path_factory.mktemp("chat-page"), context=512) as info:  # room for a few turns
+        yield info
+
+
+@pytest.fixture(scope="module")
+def rag_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two markdown files indexed with the real default embedding model (MiniLM)."""
+    from lmforge.rag.index import index_paths
+    from lmforge.rag.store import open_store
+
+    tmp = tmp_path_factory.mktemp("chat-page-rag")
+    docs = tmp / "docs"
+    docs.mkdir()
+    (docs / "festival.md").write_text(
+        "# The Zorblax festival\n\nThe Zorblax festival is held every March in Quibbleton.\n")
+    (docs / "garden.md").write_text("# Tomatoes\n\nTomatoes need full sun and regular watering.\n")
+    store = open_store(tmp / "store.db")
+    try:
+        index_paths([docs], store)
+    finally:
+        store.close()
+    return tmp / "store.db"
+
+
+@pytest.fixture(scope="module")
+def rag_server(tmp_path_factory: pytest.TempPathFactory, rag_store: Path) -> Iterator[Server]:
+    # the prompt holds the grounding instructions and the sources as well: a longer context than `server`'s
+    with serving(tmp_path_factory.mktemp("chat-page-rag-server"), context=1024, rag_store=rag_store) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,800"):
         options.add_argument(arg)
@@ -129,15 +169,25 @@ window.fetch = (url, options) => {
 """
 
 
-@pytest.fixture
-def page(driver: WebDriver, server: Server) -> Iterator[WebDriver]:
-    """A freshly loaded page, its model known, every fetch it makes recorded in window.__requests."""
+def load_page(driver: WebDriver, server: Server) -> Iterator[WebDriver]:
     server.delay = 0.0
     driver.get(server.url + "/")
     wait(driver, 10).until(lambda d: d.find_element(By.ID, "status").text == "ready")
     driver.execute_script(RECORD_FETCH)
     yield driver
     server.delay = 0.0
+
+
+@pytest.fixture
+def page(driver: WebDriver, server: Server) -> Iterator[WebDriver]:
+    """A freshly loaded page, its model known, every fetch it makes recorded in window.__requests."""
+    yield from load_page(driver, server)
+
+
+@pytest.fixture
+def rag_page(driver: WebDriver, rag_server: Server) -> Iterator[WebDriver]:
+    """The same, served by the server with a RAG store."""
+    yield from load_page(driver, rag_server)
 
 
 def wait(driver: WebDriver, seconds: float = 10) -> WebDriverWait:
@@ -345,3 +395,190 @@ def test_api_key_is_asked_for_stored_and_sent(page: WebDriver, server: Server) -
     finally:
         options.api_keys = []
         page.execute_script("localStorage.clear()")
+
+
+
+# ---- RAG: a server with a document store ------------------------------------------------------------------
+
+QUESTION = "When is the Zorblax festival?"
+
+
+def classes(element: WebElement) -> list[str]:
+    return (element.get_attribute("class") or "").split()
+
+
+def cited(bubble: WebElement) -> list[str]:
+    items = bubble.find_elements(By.CSS_SELECTOR, ".source")
+    return [i.get_attribute("data-n") for i in items if "cited" in classes(i)]
+
+
+def parts(driver: WebDriver, item: WebElement) -> tuple[str, ...]:
+    return tuple(text(driver, item.find_element(By.CSS_SELECTOR, f".source-{part}")) for part in ("n", "title", "file"))
+
+
+def test_rag_toggle_is_offered_only_by_a_server_with_a_store(page: WebDriver, server: Server,
+                                                              rag_server: Server) -> None:
+    assert server.get("/health")["rag"] is False
+    assert not page.find_element(By.ID, "rag-field").is_displayed()
+    assert rag_server.get("/health")["rag"] is True
+    page.get(rag_server.url + "/")
+    wait(page).until(lambda d: d.find_element(By.ID, "status").text == "ready")
+    field, toggle = page.find_element(By.ID, "rag-field"), page.find_element(By.ID, "rag")
+    assert field.is_displayed() and field.text == "Answer from documents" and not toggle.is_selected()
+    field.click()  # the label toggles it
+    assert toggle.is_selected()
+    assert page.find_element(By.ID, "prompt").get_attribute("placeholder") == "Ask the indexed documents…"
+
+
+def test_rag_answer_shows_its_sources_and_regenerate_keeps_rag(rag_page: WebDriver, rag_server: Server,
+                                                               rag_store: Path) -> None:
+    from lmforge.rag.answer import citations
+
+    toggle = rag_page.find_element(By.ID, "rag")
+    toggle.click()
+    ask(rag_page, QUESTION)
+    bubble = finished(rag_page)
+    [request] = chat_requests(rag_page)
+    assert request["rag"] is True and request["messages"] == [{"role": "user", "content": QUESTION}]
+    items = bubble.find_elements(By.CSS_SELECTOR, ".extras .sources .source")
+    assert len(items) == 2  # both files' single chunks; the festival first
+    assert [parts(rag_page, i) for i in items] == [("[1]", "The Zorblax festival", "festival.md"),
+                                                   ("[2]", "Tomatoes", "garden.md")]
+    summary = items[0].find_element(By.TAG_NAME, "summary")
+    assert summary.get_attribute("title").startswith(str(rag_store.parent / "docs" / "festival.md") + ", characters")
+    chunk = items[0].find_element(By.CSS_SELECTOR, ".source-text")
+    assert not chunk.is_displayed()
+    summary.click()  # the chunk's text, on click
+    wait(rag_page, 3).until(lambda d: chunk.is_displayed())
+    assert "The Zorblax festival is held every March in Quibbleton." in chunk.text
+    answer = content(rag_page, bubble)
+    assert answer and bubble.get_attribute("data-finish") == "length"
+    # the last chunk marked what the answer cites (random bytes: most likely nothing)
+    assert "final" in classes(bubble.find_element(By.CSS_SELECTOR, ".sources"))
+    assert cited(bubble) == [str(n) for n in sorted(citations(answer, 2))]
+    head = bubble.find_element(By.CSS_SELECTOR, ".sources-head").text
+    assert head == (f"Sources · {len(cited(bubble))} cited" if cited(bubble) else "Sources · none cited")
+
+    bubble.find_element(By.CSS_SELECTOR, ".thumb-up").click()  # feedback: the conversation seen, not the sources
+    wait(rag_page, 5).until(lambda d: rag_server.ratings() and rag_server.ratings()[-1]["response"] == answer)
+    assert rag_server.ratings()[-1]["messages"] == [{"role": "user", "content": QUESTION}]
+
+    toggle.click()  # off: Regenerate still asks the documents, as the answer it replaces did
+    rag_page.find_element(By.ID, "regenerate").click()
+    wait(rag_page, 5).until(lambda d: len(chat_requests(d)) == 2)
+    bubble = finished(rag_page)
+    assert chat_requests(rag_page)[1] == request
+    assert [parts(rag_page, i) for i in bubble.find_elements(By.CSS_SELECTOR, ".source")][0][2] == "festival.md"
+    assert not bubble.find_element(By.CSS_SELECTOR, ".source-text").is_displayed()  # a fresh list
+    regenerated = content(rag_page, bubble)
+
+    ask(rag_page, "and tomatoes?")  # the toggle is off now: a plain answer, no sources
+    plain = finished(rag_page)
+    third = chat_requests(rag_page)[2]
+    assert "rag" not in third and third["messages"] == [
+        {"role": "user", "content": QUESTION}, {"role": "assistant", "content": regenerated},
+        {"role": "user", "content": "and tomatoes?"}]
+    assert not plain.find_element(By.CSS_SELECTOR, ".extras").is_displayed()
+    assert not plain.find_elements(By.CSS_SELECTOR, ".source, .sources-note")
+
+
+def test_rag_with_nothing_relevant_says_so(rag_page: WebDriver, rag_server: Server, rag_store: Path) -> None:
+    from lmforge.rag.answer import NOTHING, retrieve_sources
+    from lmforge.rag.store import open_store
+
+    question = "quantum chromodynamics lattice gauge"
+    store = open_store(rag_store, create=False)
+    try:  # the premise: no chunk reaches the default min_score (0.25) the page's `rag: true` gets
+        assert retrieve_sources(question, store, 4) == []
+    finally:
+        store.close()
+    jobs = len(rag_server.submitted)
+    rag_page.find_element(By.ID, "rag").click()
+    ask(rag_page, question)
+    bubble = finished(rag_page)
+    assert chat_requests(rag_page)[0]["rag"] is True
+    assert content(rag_page, bubble) == NOTHING and bubble.get_attribute("data-finish") == "stop"
+    note = bubble.find_element(By.CSS_SELECTOR, ".extras .sources-note")
+    assert note.is_displayed() and note.text == "no matching documents"
+    assert not bubble.find_elements(By.CSS_SELECTOR, ".source")
+    assert len(rag_server.submitted) == jobs  # nothing was generated
+    assert rag_page.find_element(By.ID, "status").text == "ready"
+
+
+SCRIPTED_STREAM = """
+const [opening, closing] = arguments;
+let release;
+const gate = new Promise((resolve) => { release = resolve; });
+window.__release = () => release();
+const recorded = window.fetch;
+window.fetch = (url, options) => {
+  if (!String(url).endsWith("/chat/completions")) return recorded(url, options);
+  window.__requests.push({url: String(url), body: JSON.parse(options.body)});
+  const encoder = new TextEncoder();
+  const send = (controller, chunk) => controller.enqueue(encoder.encode(`data: ${JSON.stringify(chunk)}\\n\\n`));
+  const body = new ReadableStream({
+    async start(controller) {
+      for (const chunk of opening) send(controller, chunk);
+      await gate;
+      for (const chunk of closing) send(controller, chunk);
+      controller.enqueue(encoder.encode("data: [DONE]\\n\\n"));
+      controller.close();
+    },
+  });
+  return Promise.resolve(new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}}));
+};
+"""
+
+
+def test_cited_sources_are_marked_when_the_answer_ends(rag_page: WebDriver) -> None:
+    """The page's fetch answers with a scripted stream in the server's shape (protocol.Citation rows): the
+    opening chunk lists three sources, none cited; the last one says the answer cites [1] and [3]."""
+    from lmforge.serve.protocol import Citation
+
+    def rows(marked: set[int]) -> list[dict[str, Any]]:
+        sources = [("/srv/docs/festival.md", "The Zorblax festival", "Held every March in Quibbleton."),
+                   ("/srv/docs/garden.md", "Tomatoes", "Full sun, <b>regular</b> watering."),
+                   ("notes\\calendar.txt", "", "March: the festival.")]
+        return [Citation(n=n, source=source, title=title, text=body, start=0, end=len(body), score=0.5 - n / 10,
+                         cited=n in marked).model_dump() for n, (source, title, body) in enumerate(sources, 1)]
+
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "tiny"}
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    opening = [{**head, "choices": choice({"role": "assistant", "content": ""}), "citations": rows(set())},
+               {**head, "choices": choice({"content": "It is held in March [1][3]."})}]
+    closing = [{**head, "choices": choice({}, "stop"), "citations": rows({1, 3})}]
+    rag_page.execute_script(SCRIPTED_STREAM, opening, closing)
+    rag_page.find_element(By.ID, "rag").click()
+    ask(rag_page, QUESTION)
+    bubble = wait(rag_page).until(lambda d: assistants(d) and assistants(d)[0].find_elements(By.CSS_SELECTOR, ".source")
+                                  and assistants(d)[0])
+    wait(rag_page, 3).until(lambda d: content(d, bubble) == "It is held in March [1][3].")
+    items = bubble.find_elements(By.CSS_SELECTOR, ".source")
+    assert "streaming" in classes(bubble) and cited(bubble) == []  # drawn from the opening chunk, nothing marked yet
+    assert "final" not in classes(bubble.find_element(By.CSS_SELECTOR, ".sources"))
+    assert bubble.find_element(By.CSS_SELECTOR, ".sources-head").text == "Sources"
+    assert [parts(rag_page, i) for i in items] == [("[1]", "The Zorblax festival", "festival.md"),
+                                                   ("[2]", "Tomatoes", "garden.md"),
+                                                   ("[3]", "calendar.txt", "calendar.txt")]  # no title: the file
+    items[0].find_element(By.TAG_NAME, "summary").click()  # opened while streaming ...
+    style = "return getComputedStyle(arguments[0]).backgroundColor"
+    plain = rag_page.execute_script(style, items[0])
+
+    rag_page.execute_script("window.__release()")
+    finished(rag_page)
+    assert bubble.get_attribute("data-finish") == "stop"
+    assert bubble.find_elements(By.CSS_SELECTOR, ".source") == items  # marked in place, not redrawn
+    assert cited(bubble) == ["1", "3"]
+    assert "final" in classes(bubble.find_element(By.CSS_SELECTOR, ".sources"))
+    assert bubble.find_element(By.CSS_SELECTOR, ".sources-head").text == "Sources · 2 cited"
+    assert items[0].find_element(By.CSS_SELECTOR, ".source-text").is_displayed()  # ... and still open
+    highlighted = rag_page.execute_script(style, items[0])
+    assert highlighted != plain and rag_page.execute_script(style, items[2]) == highlighted
+    assert rag_page.execute_script(style, items[1]) == plain
+    badge = "return getComputedStyle(arguments[0].querySelector('summary'), '::after').content"
+    assert [rag_page.execute_script(badge, i) for i in items] == ['"cited"', "none", '"cited"']
+    tomato = items[1].find_element(By.CSS_SELECTOR, ".source-text")
+    assert text(rag_page, tomato) == "Full sun, <b>regular</b> watering." and not tomato.find_elements(By.TAG_NAME, "b")

@@ -1,7 +1,8 @@
 // The chat page of `lmforge serve`: plain JS over the server's OpenAI routes, no build step, nothing external.
 //
 // State is one list of turns ({role, content, ...}); each assistant turn keeps its view (the DOM nodes of its
-// bubble) and `sent`, the exact messages of the request that produced it (what its feedback is filed with).
+// bubble), `sent`, the exact messages of the request that produced it (what its feedback is filed with), and `rag`,
+// whether that request asked the server to answer from its documents (Regenerate asks the same way again).
 // Model output only ever reaches the page as text (textContent / text nodes), never as HTML.
 "use strict";
 
@@ -11,7 +12,7 @@
     model: $("model"), status: $("status"), newChat: $("new-chat"), keyRow: $("api-key-row"), key: $("api-key"),
     saveKey: $("save-key"), system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
     messages: $("messages"), empty: $("empty"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
-    regenerate: $("regenerate"),
+    regenerate: $("regenerate"), rag: $("rag"), ragField: $("rag-field"),
   };
   const KEY_STORAGE = "lmforge.apiKey";
   const FINISH_NOTES = {
@@ -23,7 +24,7 @@
 
   const state = {
     model: null, // the chat model's id, from /v1/models
-    turns: [], // {role: "user", content} | {role: "assistant", content, sent, view, failed, rating}
+    turns: [], // {role: "user", content} | {role: "assistant", content, sent, rag, citations, view, failed, rating}
     controller: null, // the AbortController of the answer streaming now
   };
 
@@ -62,6 +63,26 @@
     el.model.textContent = chat.context_length ? `${chat.id} · ${chat.context_length} tokens` : chat.id;
     el.model.title = `model: ${chat.id}`;
     return chat.id;
+  }
+
+  // The RAG toggle is offered only when the server has a document store (/health says `rag: true`).
+  async function loadRag() {
+    let rag = false;
+    try {
+      rag = (await (await api("/health")).json()).rag === true;
+    } catch (_) { /* no answer about it: no toggle */ }
+    el.ragField.hidden = !rag;
+    if (!rag) el.rag.checked = false;
+    ragChanged();
+    return rag;
+  }
+
+  function useRag() {
+    return !el.ragField.hidden && el.rag.checked;
+  }
+
+  function ragChanged() {
+    el.prompt.placeholder = useRag() ? "Ask the indexed documents…" : "Message the model…";
   }
 
   // ---- status, API key ------------------------------------------------------------------------------------
@@ -146,7 +167,7 @@
   // An assistant bubble: its text, a slot for what comes under an answer (sources, later), a note, the thumbs.
   function addAssistant() {
     const view = addBubble("assistant");
-    view.extras = node("div", "extras"); // e.g. a "sources" list once RAG answers carry them
+    view.extras = node("div", "extras"); // the sources of a RAG answer
     view.footer = node("div", "footer");
     view.note = node("span", "note");
     view.actions = node("span", "actions");
@@ -159,9 +180,69 @@
   function resetAssistant(view) {
     view.content.textContent = "";
     view.extras.replaceChildren();
+    view.sources = null;
     view.note.textContent = "";
     view.actions.replaceChildren();
     view.root.classList.remove("failed", "error");
+  }
+
+  function basename(path) {
+    return String(path).split(/[\\/]/).filter(Boolean).pop() || String(path);
+  }
+
+  // The sources of a RAG answer, from a chunk's `citations`: "[n] title  file", the chunk's text on click, the ones
+  // the answer cites marked once `final` (the chunk with the finish reason) says which. [] means nothing was found.
+  function renderSources(citations, final = false) {
+    const box = node("div", "sources-box");
+    if (!citations.length) {
+      box.append(node("p", "sources-note", "no matching documents"));
+      return box;
+    }
+    const list = node("ol", "sources");
+    list.setAttribute("aria-label", "Sources");
+    for (const c of citations) {
+      const item = node("li", "source");
+      item.dataset.n = String(c.n);
+      item.dataset.testid = "source";
+      const details = node("details");
+      const summary = node("summary");
+      summary.title = `${c.source}, characters ${c.start}–${c.end}, similarity ${Number(c.score).toFixed(2)}`;
+      summary.append(node("span", "source-n", `[${c.n}]`), node("span", "source-title", c.title || basename(c.source)),
+        node("span", "source-file", basename(c.source)));
+      details.append(summary, node("div", "source-text", c.text));
+      item.append(details);
+      list.append(item);
+    }
+    box.append(node("div", "sources-head", "Sources"), list);
+    markCited(box, citations, final);
+    return box;
+  }
+
+  function markCited(box, citations, final) {
+    const cited = new Set(citations.filter((c) => c.cited).map((c) => String(c.n)));
+    for (const item of box.querySelectorAll(".source")) {
+      const on = cited.has(item.dataset.n);
+      item.classList.toggle("cited", on);
+      if (on) item.title = "the answer cites this source";
+      else item.removeAttribute("title");
+    }
+    const list = box.querySelector(".sources");
+    if (list) list.classList.toggle("final", final);
+    const head = box.querySelector(".sources-head");
+    if (head) head.textContent = final ? `Sources · ${cited.size ? `${cited.size} cited` : "none cited"}` : "Sources";
+  }
+
+  // A chunk's citations into the answer's bubble: drawn with the opening chunk, marked in place with the last one
+  // (so a source the reader opened stays open).
+  function showSources(view, citations, final) {
+    const follow = nearBottom();
+    const box = view.extras.querySelector(".sources-box");
+    if (box && box.querySelectorAll(".source").length === citations.length && citations.length) {
+      markCited(box, citations, final);
+    } else {
+      view.extras.replaceChildren(renderSources(citations, final));
+    }
+    if (follow) scrollDown(true);
   }
 
   function thumbs(turn) {
@@ -245,7 +326,7 @@
     addUser(text);
     el.prompt.value = "";
     autosize();
-    const turn = { role: "assistant", content: "", view: addAssistant() };
+    const turn = { role: "assistant", content: "", rag: useRag(), view: addAssistant() };
     state.turns.push(turn);
     answer(turn);
   }
@@ -253,7 +334,7 @@
   function regenerate() {
     const turn = state.turns[state.turns.length - 1];
     if (streaming() || !turn || turn.role !== "assistant") return;
-    answer(turn); // the same conversation again; this answer's bubble is reused
+    answer(turn); // the same conversation again (with or without documents, as before); the bubble is reused
   }
 
   // Stream one answer into `turn` (the last turn): SSE lines "data: {chunk}" until "data: [DONE]".
@@ -263,6 +344,7 @@
     turn.content = "";
     turn.failed = false;
     turn.rating = undefined;
+    turn.citations = null;
     turn.sent = requestMessages(state.turns.indexOf(turn));
     const view = turn.view;
     resetAssistant(view);
@@ -276,7 +358,9 @@
       const response = await api("/v1/chat/completions", {
         method: "POST",
         signal: controller.signal,
-        body: JSON.stringify({ model, messages: turn.sent, temperature: temperature(), stream: true }),
+        body: JSON.stringify({
+          model, messages: turn.sent, temperature: temperature(), stream: true, ...(turn.rag ? { rag: true } : {}),
+        }),
       });
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
@@ -305,10 +389,14 @@
     finished(turn, finish, error);
   }
 
-  // One streamed chunk: its text goes into the bubble; returns the finish reason once there is one.
-  // (When answers carry sources, a chunk's `sources` would be drawn into turn.view.extras here.)
+  // One streamed chunk: its text goes into the bubble, its citations (RAG: the opening and the last chunk) under
+  // it; returns the finish reason once there is one.
   function onChunk(turn, chunk) {
     const choice = chunk.choices && chunk.choices[0];
+    if (Array.isArray(chunk.citations)) {
+      turn.citations = chunk.citations;
+      showSources(turn.view, chunk.citations, Boolean(choice && choice.finish_reason));
+    }
     if (!choice) return null;
     const piece = choice.delta && choice.delta.content;
     if (piece) {
@@ -380,12 +468,13 @@
   el.key.addEventListener("keydown", (e) => {
     if (e.key === "Enter") saveKey();
   });
+  el.rag.addEventListener("change", ragChanged);
   el.temperature.addEventListener("input", () => {
     el.temperatureValue.textContent = temperature().toFixed(2).replace(/0$/, "");
   });
 
   updateButtons();
-  loadModel().then(
+  Promise.all([loadModel(), loadRag()]).then(
     () => streaming() || setStatus("ready"),
     (e) => setStatus(e.status === 401 ? "API key needed" : `error: ${e.message}`, "error"),
   );
