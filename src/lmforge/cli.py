@@ -348,13 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from lmforge.data.cli import add_data_commands
     from lmforge.embed_cli import add_embed_command
-    from lmforge.rag.cli import add_eval_commands, add_rag_commands
+    from lmforge.eval.cli import add_eval_commands
+    from lmforge.prompt_cli import add_prompt_command
+    from lmforge.rag.cli import add_rag_commands
     from lmforge.serve.cli import add_serve_command
     from lmforge.text.cli import add_text_commands
     from lmforge.train.cli import add_train_commands
 
     return [add_embed_command, add_text_commands, add_data_commands, add_train_commands, add_serve_command,
-            add_rag_commands, add_eval_commands]
+            add_rag_commands, add_eval_commands, add_prompt_command]
 
 
 def _one_line(message: str) -> str:

@@ -137,3 +137,44 @@ def test_sqlite_store_errors_are_one_line(tmp_path):
     junk.write_bytes(b"this is not a database at all" * 100)
     with pytest.raises(LmforgeError, match="cannot use"):
         open_store(junk)
+
+
+def test_repeated_sqlite_searches_use_the_in_memory_index_and_follow_changes(tmp_path, monkeypatch):
+    from lmforge.rag import store as store_module
+
+    rng = np.random.default_rng(3)
+    store = open_store(tmp_path / "many.db")
+    centres = rng.normal(size=(60, 384))  # clustered, as embeddings of real text are (random ones have no near
+    vectors = unit(centres[rng.integers(0, 60, 3000)] + 0.6 * rng.normal(size=(3000, 384)))  # neighbours to find)
+    for f in range(30):
+        rows = vectors[f * 100 : (f + 1) * 100]
+        store.replace_file(f"/f{f}.md", "h", chunks_of(f"/f{f}.md", [f"chunk {f} {i}" for i in range(100)]), rows)
+    queries = unit(vectors[rng.integers(100, 3000, 40)] + 0.1 * rng.normal(size=(40, 384)))
+
+    removed = 0  # the first `removed` rows are no longer in the store
+
+    def exact(q: np.ndarray, k: int = 10) -> list[int]:
+        scores = vectors @ q
+        scores[:removed] = -np.inf
+        return [int(i) + 1 for i in np.argsort(-scores)[:k]]  # chunk ids are 1.. in insertion order
+
+    first = store.vector_search(queries[0], 10)  # sqlite-vec's scan
+    second = store.vector_search(queries[0], 10)  # the in-memory index (exact below EXACT_MAX)
+    assert store._index is not None
+    assert [i for i, _ in second] == [i for i, _ in first] == exact(queries[0])
+    np.testing.assert_allclose([s for _, s in second], [s for _, s in first], atol=1e-5)
+
+    # past EXACT_MAX: a bit-code first pass, then exact cosine over the best RESCORE_SHARE of rows
+    monkeypatch.setattr(store_module._VectorIndex, "EXACT_MAX", 500)
+    monkeypatch.setattr(store_module._VectorIndex, "RESCORE_MIN", 300)
+    store.remove_file("/f0.md")  # a change: the next search starts over, without the removed rows
+    removed = 100
+    store.vector_search(queries[0], 10)
+    found = [store.vector_search(q, 10) for q in queries]
+    assert store._index is not None and store._index[1].codes is not None
+    recall = np.mean([len({i for i, _ in got} & set(exact(q))) / 10 for got, q in zip(found, queries, strict=True)])
+    assert recall >= 0.9
+    for got, q in zip(found, queries, strict=True):
+        assert all(i > 100 for i, _ in got)
+        np.testing.assert_allclose([s for _, s in got], [float(vectors[i - 1] @ q) for i, _ in got], atol=1e-5)
+    store.close()

@@ -1,4 +1,4 @@
-"""`lmforge rag index|search|ask` and `lmforge eval rag`: thin shells over lmforge.rag and lmforge.eval.rag."""
+"""`lmforge rag index|search|ask`: thin shells over lmforge.rag (`lmforge eval rag` lives in lmforge.eval.cli)."""
 
 from __future__ import annotations
 
@@ -131,36 +131,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_rag(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from lmforge.eval.rag import evaluate_rag, read_qa
-    from lmforge.rag.store import open_store
-
-    rows = read_qa(args.qa)
-    store = open_store(args.store, create=False)
-    try:
-        generate = None if args.retrieval_only else _generator(args)
-        result = evaluate_rag(store, rows, generate, args.k, progress=sys.stderr.isatty())
-    finally:
-        store.close()
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result["rows"]),
-                                  encoding="utf-8")
-    summary = result["summary"]
-    if args.format == "json":
-        print(json.dumps(summary))
-        return 0
-    table = Table(title=f"RAG evaluation: {args.qa} ({summary['n']} questions)", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
-    Console().print(table)
-    return 0
-
-
 def _add_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", "-s", required=True, help="a SQLite file (created on first index) or a postgresql:// URL")
 
@@ -208,19 +178,3 @@ def add_rag_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default=None, metavar="GLOB", help="only chunks whose source path matches")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_ask)
-
-
-def add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    from lmforge.cli import Parser
-
-    ev = sub.add_parser("eval", help="evaluate: rag (retrieval and grounded answers)")
-    ev_sub = ev.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
-    p = ev_sub.add_parser("rag", help='recall@k, MRR, exact match/F1, groundedness over {"question","answer",'
-                          '"source"} rows')
-    _add_store(p)
-    p.add_argument("--qa", required=True, help="JSONL of question / answer / source rows")
-    _add_answer_args(p)
-    p.add_argument("--retrieval-only", action="store_true", help="recall and MRR only: no answers generated")
-    p.add_argument("--format", choices=["table", "json"], default="table")
-    p.add_argument("--out", default=None, help="per-question results (JSONL)")
-    p.set_defaults(func=cmd_eval_rag)

@@ -18,6 +18,8 @@ import numpy as np
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
+    import apsw
+
     from lmforge.rag.chunk import Chunk
 
 
@@ -59,6 +61,79 @@ def query_words(query: str) -> list[str]:
     return list(dict.fromkeys(re.findall(r"\w+", query.lower())))
 
 
+class _VectorIndex:
+    """A SQLite store's vectors in memory, for the vector searches after the first (see SQLiteStore.vector_search).
+
+    Up to EXACT_MAX vectors, a plain exact scan of the float32 matrix of unit rows. Past that, a first pass over
+    1-bit codes (each component's sign, after subtracting the mean vector: 48 bytes a 384-dim vector, scanned
+    with XOR and popcount in about a millisecond per 100k) picks the RESCORE_SHARE of rows (at least
+    RESCORE_MIN, and at least k) nearest in Hamming distance, and exact cosine over those rows picks and orders
+    the k returned. What comes back is exact cosine similarity, best first; only a true neighbour whose code is
+    far from the query's can be missed (recall@10: 0.999 on 24k all-MiniLM-L6-v2 vectors of real text, 0.99 on
+    benchmarks/rag.py's 100k synthetic ones, where 2% of rows gave 0.974). The price: ~1.6 KB of memory a 384-dim
+    chunk, and a load of ~1-2 s per 100k chunks (2 cores); a query costs ~3 ms at 100k x 384.
+    """
+
+    EXACT_MAX = 20_000
+    RESCORE_SHARE = 0.04
+    RESCORE_MIN = 1_000
+
+    def __init__(self, ids: np.ndarray, matrix: np.ndarray) -> None:
+        """`matrix` (float32, one row per id) becomes the index's own: its rows are normalised in place."""
+        self.ids = ids
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        self.matrix = np.divide(matrix, np.where(norms > 0, norms, 1), out=matrix)  # a zero vector scores 0
+        self.codes: np.ndarray | None = None  # (words, n) uint64, column-major so each word is one XOR pass
+        self.rescore = len(ids)
+        self.mean = np.zeros(matrix.shape[1], dtype=np.float32)
+        if len(ids) > self.EXACT_MAX:
+            self.mean = self.matrix.mean(axis=0)
+            self.codes = np.ascontiguousarray(self._code(self.matrix).T)
+            self.rescore = max(self.RESCORE_MIN, int(len(ids) * self.RESCORE_SHARE))
+
+    @classmethod
+    def load(cls, db: apsw.Connection, dim: int) -> _VectorIndex:
+        ids, blobs = [], []
+        for rowid, blob in db.execute("SELECT rowid, embedding FROM chunks_vec"):
+            ids.append(rowid)
+            blobs.append(blob)
+        matrix = np.frombuffer(bytearray().join(blobs), dtype=np.float32).reshape(len(ids), dim)  # writable
+        del blobs
+        return cls(np.array(ids, dtype=np.int64), matrix)
+
+    def _code(self, rows: np.ndarray) -> np.ndarray:
+        bits = np.packbits(rows - self.mean > 0, axis=-1)
+        pad = -bits.shape[-1] % 8  # whole 64-bit words; the padding bits are 0 in every code, so they never count
+        if pad:
+            bits = np.concatenate([bits, np.zeros((*bits.shape[:-1], pad), dtype=np.uint8)], axis=-1)
+        return np.ascontiguousarray(bits).view(np.uint64)
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        n = len(self.ids)
+        k = min(k, n)
+        if k < 1:
+            return []
+        norm = float(np.linalg.norm(vector))
+        query = (vector / (norm if norm > 0 else 1.0)).astype(np.float32)
+        want = max(self.rescore, k)
+        if self.codes is None or want >= n:
+            rows = np.arange(n)
+            scores = np.einsum("ij,j->i", self.matrix, query)  # not BLAS: its threads stall on a busy host
+        else:
+            code = self._code(query)
+            distance = np.bitwise_count(self.codes[0] ^ code[0]).astype(np.uint16)
+            for word in range(1, len(code)):
+                distance += np.bitwise_count(self.codes[word] ^ code[word])
+            # the `want` nearest codes: all under the cut distance, then enough of those at it
+            cut = int(np.searchsorted(np.cumsum(np.bincount(distance)), want))
+            below = np.flatnonzero(distance < cut)
+            rows = np.concatenate([below, np.flatnonzero(distance == cut)[: want - len(below)]])
+            scores = np.einsum("ij,j->i", self.matrix[rows], query)
+        best = np.argpartition(-scores, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return [(int(self.ids[rows[i]]), float(scores[i])) for i in best]
+
+
 class SQLiteStore:
     """One SQLite file: chunks + FTS5 (porter-stemmed BM25) + a sqlite-vec vec0 table (cosine KNN)."""
 
@@ -83,6 +158,9 @@ class SQLiteStore:
         except apsw.Error as e:
             raise LmforgeError(f"cannot use {path} as a store: {e}") from None
         self.path = path
+        self._writes = 0  # this connection's own commits, which PRAGMA data_version does not count
+        self._searched: tuple[int, int] | None = None  # the data version the last vec0 KNN search ran on
+        self._index: tuple[tuple[int, int], _VectorIndex] | None = None
 
     def _schema(self) -> None:
         with self.db:
@@ -118,6 +196,8 @@ class SQLiteStore:
     def replace_file(self, path: str, digest: str, chunks: list[Chunk], vectors: np.ndarray) -> None:
         """The file's old chunks out, its new ones in, its hash recorded: one transaction."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._writes += 1
+        self._index = None  # stale from here on: its memory back now
         with self.db:
             if len(chunks):
                 self._vectors_table(vectors.shape[1])
@@ -132,6 +212,8 @@ class SQLiteStore:
             self.db.execute("INSERT OR REPLACE INTO files(path, hash) VALUES (?, ?)", (path, digest))
 
     def remove_file(self, path: str) -> None:
+        self._writes += 1
+        self._index = None  # stale from here on: its memory back now
         with self.db:
             self._delete(path)
             self.db.execute("DELETE FROM files WHERE path = ?", (path,))
@@ -161,9 +243,25 @@ class SQLiteStore:
         return [(int(i), float(s)) for i, s in self.db.execute(sql + " ORDER BY s DESC LIMIT ?", (*args, k))]
 
     def vector_search(self, vector: np.ndarray, k: int, source_glob: str | None = None) -> list[tuple[int, float]]:
-        """(chunk id, cosine similarity), best first."""
-        if self.meta("dim") is None:
+        """(chunk id, cosine similarity), best first.
+
+        The first search of the store's current contents is sqlite-vec's exact scan (~90 ms at 100k x 384 float32:
+        fine once, so a one-off query costs no set-up); a second one loads the vectors into memory (_VectorIndex)
+        and it and later ones search there (~3-4 ms at 100k), until the store changes (here or through another
+        connection: PRAGMA data_version). A source_glob search always scans the matching rows in SQLite.
+        """
+        dim = self.meta("dim")
+        if dim is None:
             return []
+        if not source_glob:
+            version = (self._writes, int(self.db.execute("PRAGMA data_version").fetchone()[0]))
+            if self._index is not None and self._index[0] == version:
+                return self._index[1].search(vector, k)
+            self._index = None
+            if self._searched == version:
+                self._index = (version, _VectorIndex.load(self.db, int(dim)))
+                return self._index[1].search(vector, k)
+            self._searched = version
         blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
         if source_glob:  # a filtered scan: KNN over the matching rows only, so k results come back when they exist
             rows = self.db.execute(

@@ -1,0 +1,514 @@
+"""The evaluation harness behind `lmforge eval`: a JSONL file of rows, one model, one score with a bootstrap
+interval, and per-example records that a later run resumes from.
+
+Kinds
+- generate: answers come from the engine (lmforge.generate.complete) through the chat template when the model
+  has one, exactly as `lmforge generate --chat` would make them, or from a remote server's chat endpoint; each
+  is scored against the target by exact / contains / f1 / regex.
+- choice: each option is scored by log p(option | prompt) from the model's logits, summed (acc) and divided by
+  the option's token count (acc_norm; lm-eval's acc_norm divides by bytes instead). The prediction is the
+  best-scored option; ties go to the first.
+- classify: choice with one option list for every row (`labels`), unless a row brings its own.
+- perplexity: the token-level perplexity of a whole text file (eval/perplexity.py).
+
+The continuation convention follows lm-eval: the option is scored as the continuation of the row's plain prompt
+text (no chat template) after one space, `prompt + " " + option`, unless the option already starts with
+whitespace or the prompt ends with it; whitespace at the end of the prompt moves onto the option, so the option's
+first token is the same one BPE gives a word after a space. Its tokens are those of `encode(prompt + option)`
+after the prompt's own tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+from lmforge.eval.perplexity import perplexity
+from lmforge.generate import complete, encode_prompt
+from lmforge.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from lmforge.client import Client
+    from lmforge.model.cache import KVCache
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+Kind = Literal["generate", "choice", "classify", "perplexity"]
+KINDS: tuple[str, ...] = ("generate", "choice", "classify", "perplexity")
+ROW_SHAPES = '"input"/"target", "instruction"/"output" (Alpaca) or "prompt"/"completion"'
+
+
+def default_params() -> SamplingParams:
+    """Greedy: a score should not depend on the draw."""
+    return SamplingParams(max_new_tokens=128, temperature=0.0)
+
+
+# ---- rows ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    index: int  # position among the file's rows: what a resumed run matches records by
+    where: str  # "FILE line N", for messages
+    prompt: str
+    target: str | int  # generate: the answer text; choice/classify: the index of the right option
+    options: list[str] | None = None
+
+
+def _text_and_target(row: dict[str, Any], where: str) -> tuple[str, Any]:
+    """(prompt, target) of a row in any of the three shapes."""
+    if "instruction" in row:  # Alpaca: the input, when there is one, follows the instruction
+        fields: tuple[str, ...] = ("instruction", "output")
+    elif "prompt" in row or "completion" in row:
+        fields = ("prompt", "completion")
+    else:
+        fields = ("input", "target")
+    missing = [f'"{f}"' for f in fields if f not in row]
+    if missing:
+        raise LmforgeError(f"{where}: missing {' and '.join(missing)} (rows need {ROW_SHAPES})")
+    text, extra = row[fields[0]], (row.get("input") or "") if fields[0] == "instruction" else ""
+    if not isinstance(text, str) or not isinstance(extra, str):
+        raise LmforgeError(f'{where}: "{fields[0]}" must be a string')
+    return text + (f"\n\n{extra}" if extra else ""), row[fields[1]]
+
+
+def _target_index(target: Any, options: list[str], where: str) -> int:
+    if isinstance(target, int) and not isinstance(target, bool):
+        if not 0 <= target < len(options):
+            raise LmforgeError(f"{where}: target index {target} is outside its {len(options)} options")
+        return target
+    if isinstance(target, str) and target in options:
+        return options.index(target)
+    raise LmforgeError(f"{where}: the target must be one of the options (its text or its index), got {target!r:.60}")
+
+
+def _parse_row(row: Any, index: int, where: str, kind: str, labels: list[str] | None) -> Example:
+    if not isinstance(row, dict):
+        raise LmforgeError(f"{where}: a row must be a JSON object with {ROW_SHAPES}")
+    prompt, target = _text_and_target(row, where)
+    if kind == "generate":
+        if isinstance(target, bool) or not isinstance(target, str | int | float):
+            raise LmforgeError(f"{where}: the target must be a string, got {type(target).__name__}")
+        return Example(index, where, prompt, str(target))
+    options = row.get("options")
+    if options is None and kind == "classify":
+        options = labels
+    if options is None:
+        hint = "give --labels a,b,c or" if kind == "classify" else "choice rows need"
+        raise LmforgeError(f'{where}: no options: {hint} an "options" list in the row')
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+        raise LmforgeError(f'{where}: "options" must be a list of at least two non-empty strings')
+    return Example(index, where, prompt, _target_index(target, options, where), list(options))
+
+
+def read_examples(path: str | Path, kind: str, labels: list[str] | None = None, limit: int | None = None
+                  ) -> list[Example]:
+    """The rows of a JSONL file (blank lines skipped), the first `limit` of them when given."""
+    if kind not in KINDS or kind == "perplexity":
+        raise LmforgeError(f"rows are for kinds generate, choice and classify, not {kind!r}")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"cannot read {path}: {e}") from None
+    examples: list[Example] = []
+    for n, line in enumerate(lines, 1):
+        if limit is not None and len(examples) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path} line {n}: not JSON ({e.msg})") from None
+        examples.append(_parse_row(row, len(examples), f"{path} line {n}", kind, labels))
+    if not examples:
+        raise LmforgeError(f"{path} holds no rows")
+    return examples
+
+
+def read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"cannot read {path}: {e}") from None
+
+
+def check_options(kind: str, metric: str | None = None, labels: list[str] | None = None, remote: bool = False,
+                  out: str | Path | None = None, window: int | None = None, stride: int | None = None) -> None:
+    """Options that do not fit the kind, refused before anything slow (loading, generating) starts."""
+    if kind not in KINDS:
+        raise LmforgeError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+    if metric is not None and metric not in METRICS:
+        raise LmforgeError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
+    if metric is not None and kind != "generate":
+        raise LmforgeError("--metric is for --kind generate (choice and classify report acc and acc_norm)")
+    if labels is not None:
+        if kind != "classify":
+            raise LmforgeError("--labels is for --kind classify (choice rows carry their own options)")
+        if len(labels) < 2 or not all(labels):
+            raise LmforgeError("--labels needs at least two non-empty labels, comma-separated")
+    if remote and kind != "generate":
+        raise LmforgeError(f"--kind {kind} needs the model's log-probabilities: a remote model serves --kind generate "
+                           "only")
+    if kind == "perplexity" and out is not None:
+        raise LmforgeError("--out saves per-example records: perplexity scores one text and has none")
+    if kind != "perplexity" and (window is not None or stride is not None):
+        raise LmforgeError("--window and --stride are for --kind perplexity")
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+
+
+def _strip_punctuation(text: str) -> str:
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or unicodedata.category(text[start]).startswith("P")):
+        start += 1
+    while end > start and (text[end - 1].isspace() or unicodedata.category(text[end - 1]).startswith("P")):
+        end -= 1
+    return text[start:end]
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no punctuation at either end: '  "Paris."\n' -> 'paris'. Lighter than SQuAD's
+    (articles and inner punctuation stay), so '3.5' and "don't" survive."""
+    return _strip_punctuation(" ".join(text.lower().split()))
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in (_strip_punctuation(w) for w in normalize_answer(text).split()) if w]
+
+
+def exact(output: str, target: str) -> float:
+    return float(normalize_answer(output) == normalize_answer(target))
+
+
+def contains(output: str, target: str) -> float:
+    """The target appears in the output as whole words: '4' is not in '14'."""
+    t = normalize_answer(target)
+    return float(re.search(rf"(?<!\w){re.escape(t)}(?!\w)", normalize_answer(output)) is not None)
+
+
+def f1(output: str, target: str) -> float:
+    """Token F1 over the words of both (each stripped of punctuation at its ends)."""
+    pred, gold = _words(output), _words(target)
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum(min(pred.count(w), gold.count(w)) for w in set(gold))
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def regex(output: str, target: str) -> float:
+    """The target is a regular expression searched in the raw output (add (?i) to ignore case)."""
+    return float(re.search(target, output) is not None)
+
+
+METRICS: dict[str, Callable[[str, str], float]] = {"exact": exact, "contains": contains, "f1": f1, "regex": regex}
+
+
+# ---- intervals ----------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(scores: list[float] | np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: resample the scores with replacement n_resamples times."""
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0:
+        raise LmforgeError("no scores to take an interval of")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    step = max(1, 10_000_000 // values.size)  # resamples per draw: about 80 MB of indices at a time
+    for begin in range(0, n_resamples, step):
+        count = min(step, n_resamples - begin)
+        means[begin : begin + count] = values[rng.integers(0, values.size, (count, values.size))].mean(1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+# ---- choice scoring -----------------------------------------------------------------------------------------
+
+
+def split_pair(tokenizer: Tokenizer, prompt: str, option: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, option ids) by the module's convention: prompt + " " + option, spaces kept on the option."""
+    sep = "" if not prompt or prompt[-1].isspace() or option[:1].isspace() else " "
+    stem = prompt.rstrip()
+    continuation = prompt[len(stem) :] + sep + option
+    context = tokenizer.encode(stem) if stem else []
+    if not context:  # nothing to condition on: start from BOS (or EOS), as lm-eval starts from its end-of-text
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise LmforgeError("an empty prompt needs a tokenizer with a BOS or EOS token to start from")
+        return [start], tokenizer.encode(continuation, add_special_tokens=False)
+    whole = tokenizer.encode(stem + continuation)
+    if whole[: len(context)] == context:
+        return context, whole[len(context) :]
+    return context, tokenizer.encode(continuation, add_special_tokens=False)  # the merge crossed the boundary
+
+
+@torch.inference_mode()
+def score_options(model: Transformer, prompt: list[int], options: list[list[int]], cache: KVCache | None = None
+                  ) -> list[float]:
+    """Summed log p(option tokens | prompt) for each option. The prompt runs through the model once, into slot 0 of
+    a KV cache; its keys/values are copied to one slot per option and all options run as one batch over them
+    (right-padded: a pad only ever sits after a row's real tokens, where no real token attends to it)."""
+    if model.cfg.family != "decoder":
+        raise LmforgeError("choice scoring needs a decoder-only model")
+    if not prompt or not options or not all(options):
+        raise LmforgeError("choice scoring needs a prompt and non-empty options")
+    n, P, L = len(options), len(prompt), max(len(o) for o in options)
+    if P + L - 1 > model.cfg.max_seq_len:
+        raise LmforgeError(f"prompt ({P} tokens) and option ({L}) do not fit the context of {model.cfg.max_seq_len}")
+    if cache is None or cache.slots < n or cache.max_len < P + L:
+        cache = model.new_cache(n, P + L)
+    device = model.tok_emb.weight.device
+    positions = torch.arange(P, device=device)[None]
+    last = model(torch.tensor([prompt], device=device), positions, cache.step(0, positions, kv_len=P, start=0),
+                 read_at=P - 1)  # (1, V): the distribution of every option's first token
+    first = F.log_softmax(last[0].float(), -1)
+    scores = first[torch.tensor([o[0] for o in options], device=device)]
+    if L > 1:
+        cache.k[:, 1:n, :, :P] = cache.k[:, :1, :, :P]
+        cache.v[:, 1:n, :, :P] = cache.v[:, :1, :, :P]
+        tokens = torch.tensor([o[:-1] + [0] * (L - len(o)) for o in options], device=device)  # (n, L-1)
+        targets = torch.tensor([o[1:] + [0] * (L - len(o)) for o in options], device=device)
+        real = torch.tensor([[j < len(o) - 1 for j in range(L - 1)] for o in options], device=device)
+        positions = torch.arange(P, P + L - 1, device=device)[None].expand(n, -1)
+        logits = model(tokens, positions, cache.step(0, positions, kv_len=P + L - 1, start=P))  # (n, L-1, V)
+        logp = F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+        scores = scores + (logp * real).sum(1)
+    return scores.tolist()
+
+
+def _fit(prompt: list[int], options: list[list[int]], context: int, where: str) -> list[int]:
+    """The prompt loses its oldest tokens (as in lm-eval) when prompt + the longest option overflow the context."""
+    longest = max(len(o) for o in options)
+    room = context + 1 - longest  # the last option token is only a target, never an input
+    if room < 1:
+        raise LmforgeError(f"{where}: an option of {longest} tokens does not fit the model's context of {context}")
+    return prompt[-room:]
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    kind: str
+    metric: str  # the score's name: exact / contains / f1 / regex, acc, perplexity
+    score: float
+    ci_low: float | None  # 95% percentile-bootstrap interval of the score (None for perplexity)
+    ci_high: float | None
+    n: int  # rows scored (perplexity: tokens scored)
+    records: list[dict[str, Any]] = field(default_factory=list)  # one per row, in row order
+    extra: dict[str, Any] = field(default_factory=dict)  # acc_norm and its interval; perplexity's nll and tokens
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "metric": self.metric, "score": self.score, "ci_low": self.ci_low,
+                "ci_high": self.ci_high, "n": self.n, **self.extra}
+
+
+def _rescore(record: dict[str, Any], kind: str, metric: str) -> dict[str, Any]:
+    """The per-example scores from what a record keeps (the output; the log-likelihoods), so a resumed run with
+    another metric still scores every row the same way."""
+    if kind == "generate":
+        return {**record, "score": METRICS[metric](record["output"], record["target"])}
+    loglik, tokens = record["loglik"], record["tokens"]
+    pred = int(np.argmax(loglik))
+    pred_norm = int(np.argmax([ll / t for ll, t in zip(loglik, tokens, strict=True)]))
+    return {**record, "pred": pred, "pred_norm": pred_norm, "acc": float(pred == record["target"]),
+            "acc_norm": float(pred_norm == record["target"])}
+
+
+def _summarise(kind: str, metric: str, records: list[dict[str, Any]]) -> EvalResult:
+    if kind == "generate":
+        scores = [r["score"] for r in records]
+        return EvalResult(kind, metric, float(np.mean(scores)), *bootstrap_ci(scores), len(records), records)
+    acc, acc_norm = [r["acc"] for r in records], [r["acc_norm"] for r in records]
+    low, high = bootstrap_ci(acc_norm)
+    return EvalResult(kind, "acc", float(np.mean(acc)), *bootstrap_ci(acc), len(records), records,
+                      {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "acc_norm_ci_low": low,
+                       "acc_norm_ci_high": high})
+
+
+def _read_done(out: Path, kind: str, examples: list[Example]) -> dict[int, dict[str, Any]]:
+    """Records an earlier run wrote to `out`, by row index; a partial last line (a run killed mid-write) is cut."""
+    if not out.exists():
+        return {}
+    try:
+        text = out.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"cannot read {out}: {e}") from None
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        with out.open("r+", encoding="utf-8") as f:
+            f.truncate(len(text.encode("utf-8")))
+    by_index = {e.index: e for e in examples}
+    done: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{out} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("index"), int) or "kind" not in record:
+            raise LmforgeError(f"{out} line {n}: not a record of lmforge eval: use another --out")
+        if record["kind"] != kind:
+            raise LmforgeError(f"{out} holds {record['kind']} records: use another --out for --kind {kind}")
+        example = by_index.get(record["index"])
+        if example is None:
+            continue  # a row beyond this run's --limit
+        if (record.get("prompt"), record.get("target"), record.get("options")) != (
+                example.prompt, example.target, example.options):
+            raise LmforgeError(f"{out} line {n}: its row ({example.where}) changed since it was scored: use another "
+                               "--out")
+        kept = ("output",) if kind == "generate" else ("loglik", "tokens")
+        if not all(k in record for k in kept):
+            raise LmforgeError(f"{out} line {n}: a {kind} record needs {' and '.join(kept)}: use another --out")
+        done[record["index"]] = record
+    return done
+
+
+def _chunks(items: list[Example], size: int) -> Iterator[list[Example]]:
+    for begin in range(0, len(items), size):
+        yield items[begin : begin + size]
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+
+def generate_answers(prompts: list[str], model: Transformer | None = None, tokenizer: Tokenizer | None = None,
+                     client: Client | None = None, params: SamplingParams | None = None, batch_size: int = 32,
+                     wheres: list[str] | None = None) -> list[str]:
+    """Answers to user turns: a local chat model's come through its chat template and the engine (the path of
+    `lmforge generate --chat`; a model without a template continues the raw text), a remote model's from its
+    chat endpoint."""
+    params = params or default_params()
+    if client is not None:
+        return ["".join(d.text for d in client.stream_chat([{"role": "user", "content": p}], params)) for p in prompts]
+    if model is None or tokenizer is None:
+        raise LmforgeError("generation needs a model and its tokenizer, or a client")
+    chat = bool(tokenizer.chat_template)
+    ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
+    for i, row in enumerate(ids):
+        if len(row) >= model.cfg.max_seq_len:
+            where = wheres[i] if wheres else f"prompt {i}"
+            raise LmforgeError(f"{where}: the prompt has {len(row)} tokens, the model's context is "
+                               f"{model.cfg.max_seq_len}")
+    return [c.text for c in complete(model, tokenizer, ids, params, max_batch=batch_size)]
+
+
+def _encode_choice(ex: Example, tokenizer: Tokenizer, context: int) -> tuple[list[int], list[list[int]]]:
+    assert ex.options is not None
+    pairs = [split_pair(tokenizer, ex.prompt, o) for o in ex.options]
+    options = [o for _, o in pairs]
+    if not all(options):
+        raise LmforgeError(f"{ex.where}: an option encodes to no tokens")
+    return _fit(pairs[0][0], options, context, ex.where), options
+
+
+def _choice_records(examples: list[Example], model: Transformer, tokenizer: Tokenizer) -> Iterator[dict[str, Any]]:
+    encoded = [_encode_choice(ex, tokenizer, model.cfg.max_seq_len) for ex in examples]  # all bad rows before work
+    # one cache for the run, as big as its largest row needs: the model's whole context could be gigabytes
+    slots = max(len(options) for _, options in encoded)
+    cache = model.new_cache(slots, max(len(p) + max(map(len, options)) for p, options in encoded))
+    for ex, (prompt, options) in zip(examples, encoded, strict=True):
+        yield {"prompt": ex.prompt, "options": ex.options, "target": ex.target,
+               "loglik": score_options(model, prompt, options, cache), "tokens": [len(o) for o in options]}
+
+
+def evaluate_examples(
+    examples: list[Example], kind: str, model: Transformer | None = None, tokenizer: Tokenizer | None = None,
+    client: Client | None = None, metric: str | None = None, params: SamplingParams | None = None,
+    out: str | Path | None = None, batch_size: int = 32, progress: bool = False,
+) -> EvalResult:
+    """Score the rows; with `out`, rows already recorded there are skipped and the new records appended as each
+    batch finishes, so an interrupted run picks up where it stopped. The summary covers every row."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    check_options(kind, metric, remote=client is not None)
+    if kind == "perplexity":
+        raise LmforgeError("perplexity scores a text: use evaluate_perplexity")
+    metric = metric or "exact"
+    if kind == "generate" and metric == "regex":
+        for ex in examples:
+            try:
+                re.compile(str(ex.target))
+            except re.error as e:
+                raise LmforgeError(f"{ex.where}: the target is not a valid regex ({e})") from None
+    if client is None and (model is None or tokenizer is None):
+        raise LmforgeError("evaluation needs a model and its tokenizer, or a client")
+    out_path = Path(out).expanduser() if out is not None else None
+    done = _read_done(out_path, kind, examples) if out_path is not None else {}
+    todo = [ex for ex in examples if ex.index not in done]
+    scored: Iterator[dict[str, Any]] | None = None
+    if kind != "generate" and todo:
+        assert model is not None and tokenizer is not None
+        scored = _choice_records(todo, model, tokenizer)
+    sink = out_path.open("a", encoding="utf-8") if out_path is not None and todo else None
+    try:
+        with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+            task = bar.add_task(f"eval {kind}", total=len(examples), completed=len(done))
+            for batch in _chunks(todo, batch_size):
+                if kind == "generate":
+                    outputs = generate_answers([ex.prompt for ex in batch], model, tokenizer, client, params,
+                                               batch_size, [ex.where for ex in batch])
+                    found = [{"prompt": ex.prompt, "target": ex.target, "output": o}
+                             for ex, o in zip(batch, outputs, strict=True)]
+                else:
+                    assert scored is not None
+                    found = [next(scored) for _ in batch]
+                for ex, record in zip(batch, found, strict=True):
+                    record = {"index": ex.index, "kind": kind, **record}
+                    done[ex.index] = record
+                    if sink is not None:
+                        sink.write(json.dumps(_rescore(record, kind, metric), ensure_ascii=False) + "\n")
+                if sink is not None:
+                    sink.flush()
+                bar.advance(task, len(batch))
+    finally:
+        if sink is not None:
+            sink.close()
+    records = [_rescore(done[ex.index], kind, metric) for ex in examples]
+    return _summarise(kind, metric, records)
+
+
+def evaluate_perplexity(model: Transformer, tokenizer: Tokenizer, text: str, window: int | None = None,
+                        stride: int | None = None, limit: int | None = None) -> EvalResult:
+    """Token-level perplexity of the text (its first `limit` tokens when given), by eval/perplexity.py."""
+    ids = tokenizer.encode(text)
+    result = perplexity(model, ids[:limit] if limit is not None else ids, window, stride)
+    return EvalResult("perplexity", "perplexity", result.perplexity, None, None, result.tokens, [],
+                      {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens,
+                       "bits_per_token": result.nll / result.tokens / math.log(2)})
+
+
+def evaluate(
+    data: str | Path, kind: str, model: Transformer | None = None, tokenizer: Tokenizer | None = None,
+    client: Client | None = None, metric: str | None = None, labels: list[str] | None = None,
+    params: SamplingParams | None = None, out: str | Path | None = None, limit: int | None = None,
+    batch_size: int = 32, window: int | None = None, stride: int | None = None, progress: bool = False,
+) -> EvalResult:
+    """Evaluate a model on a data file: JSONL rows for generate/choice/classify, a text for perplexity."""
+    check_options(kind, metric, labels, client is not None, out, window, stride)
+    if kind == "perplexity":
+        if model is None or tokenizer is None:
+            raise LmforgeError("perplexity needs a local model and its tokenizer")
+        return evaluate_perplexity(model, tokenizer, read_text(data), window, stride, limit)
+    examples = read_examples(data, kind, labels, limit)
+    return evaluate_examples(examples, kind, model, tokenizer, client, metric, params, out, batch_size, progress)

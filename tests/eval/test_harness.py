@@ -1,0 +1,383 @@
+"""The eval harness: choice log-likelihoods equal transformers' on the same weights, generation goes through the
+engine exactly as `lmforge generate --chat`, perplexity is eval/perplexity.py's, the bootstrap interval has the
+width theory gives, an interrupted run resumes with only the new rows, and the CLI's output and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomized
+from tiny import llama_folder
+
+from lmforge.cli import build_parser, main
+from lmforge.client import Delta
+from lmforge.errors import LmforgeError
+from lmforge.eval import harness
+from lmforge.eval.harness import (
+    bootstrap_ci,
+    contains,
+    evaluate,
+    exact,
+    f1,
+    normalize_answer,
+    read_examples,
+    regex,
+    score_options,
+    split_pair,
+)
+from lmforge.eval.perplexity import perplexity
+from lmforge.generate import SamplingParams, complete, encode_prompt
+from lmforge.weights.load import load
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, our model, our tokenizer, transformers' model): the same random 2-layer llama, moved off its init so
+    the options' scores are far apart; byte tokenizer (one token per byte), chat template, context 64."""
+    from transformers import AutoModelForCausalLM
+
+    folder = llama_folder(tmp_path_factory.mktemp("harness") / "llama", layers=2, chat_template=True)
+    hf = randomized(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), seed=1, scale=0.1)
+    hf.save_pretrained(folder)
+    model, tokenizer = load(folder, dtype="float32")
+    return folder, model, tokenizer, hf
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def hf_loglik(hf, prompt: list[int], option: list[int]) -> float:
+    with torch.no_grad():
+        logp = F.log_softmax(hf(torch.tensor([prompt + option])).logits[0].float(), -1)
+    return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(option))
+
+
+CHOICE_ROWS = [
+    ("The sky is", ["blue", "green", "a very long option of many tokens"]),
+    ("2 + 2 =", ["4", "5", "22", " four"]),  # " four" brings its own space
+    ("Paris is in ", ["France", "Spain"]),  # the prompt's trailing space moves onto the option
+    ("", ["alpha", "beta"]),  # nothing to condition on: scored after BOS
+    ("x" * 55, ["short", "a longer one"]),  # 55 + 13 > 64: the prompt loses its oldest tokens
+]
+
+
+# ---- choice -------------------------------------------------------------------------------------------------
+
+
+def test_split_pair_follows_the_lm_eval_convention(tiny):
+    _, _, tok, _ = tiny
+    assert split_pair(tok, "The sky is", "blue") == (tok.encode("The sky is"), tok.encode(" blue"))
+    assert split_pair(tok, "2 + 2 =", " four") == (tok.encode("2 + 2 ="), tok.encode(" four"))
+    assert split_pair(tok, "Paris is in ", "France") == (tok.encode("Paris is in"), tok.encode(" France"))
+    assert split_pair(tok, "", "alpha") == ([256], tok.encode("alpha"))
+
+
+def test_option_logliks_equal_transformers(tiny):
+    _, model, tok, hf = tiny
+    for prompt_text, options in CHOICE_ROWS:
+        pairs = [split_pair(tok, prompt_text, o) for o in options]
+        ids = [o for _, o in pairs]
+        prompt = harness._fit(pairs[0][0], ids, model.cfg.max_seq_len, "row")
+        ours = score_options(model, prompt, ids)
+        theirs = [hf_loglik(hf, prompt, o) for o in ids]
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+        assert len(prompt) + max(map(len, ids)) - 1 <= model.cfg.max_seq_len
+
+
+def test_choice_accuracy_on_rows_whose_answer_is_known(tmp_path, tiny):
+    """Targets are picked from transformers' scores: the argmax for some rows, another option for the rest, so
+    acc and acc_norm are known exactly before the harness runs."""
+    _, model, tok, hf = tiny
+    rows, right, right_norm = [], 0, 0
+    for i, (prompt_text, options) in enumerate(CHOICE_ROWS * 2):
+        pairs = [split_pair(tok, prompt_text, o) for o in options]
+        prompt = harness._fit(pairs[0][0], [o for _, o in pairs], model.cfg.max_seq_len, "row")
+        ll = [hf_loglik(hf, prompt, o) for _, o in pairs]
+        best, best_norm = int(np.argmax(ll)), int(np.argmax([s / len(o) for s, (_, o) in zip(ll, pairs, strict=True)]))
+        target = best if i % 3 else (best + 1) % len(options)
+        right, right_norm = right + (target == best), right_norm + (target == best_norm)
+        # the target as its index or as its text, both allowed
+        rows.append({"input": prompt_text, "options": options, "target": target if i % 2 else options[target]})
+    result = evaluate(write_rows(tmp_path / "choice.jsonl", rows), "choice", model, tok)
+    n = len(rows)
+    assert result.n == n and result.metric == "acc"
+    assert result.score == pytest.approx(right / n, abs=1e-12)
+    assert result.extra["acc_norm"] == pytest.approx(right_norm / n, abs=1e-12)
+    assert result.ci_low <= result.score <= result.ci_high
+    assert 0 < right < n  # the set is not degenerate
+    first = result.records[0]
+    assert first["target"] == (rows[0]["options"].index(rows[0]["target"]))
+    assert first["tokens"] == [len(" blue"), len(" green"), len(" a very long option of many tokens")]
+
+
+def test_classify_takes_the_labels_once(tmp_path, tiny):
+    _, model, tok, _ = tiny
+    rows = [{"input": "I loved it. Sentiment:", "target": "positive"}, {"input": "Awful. Sentiment:", "target": 1},
+            {"input": "Meh:", "target": "neutral", "options": ["neutral", "other"]}]
+    data = write_rows(tmp_path / "cls.jsonl", rows)
+    result = evaluate(data, "classify", model, tok, labels=["positive", "negative"])
+    assert [r["options"] for r in result.records] == [["positive", "negative"]] * 2 + [["neutral", "other"]]
+    assert [r["target"] for r in result.records] == [0, 1, 0]
+    assert result.extra["acc"] == np.mean([r["pred"] == r["target"] for r in result.records])
+    with pytest.raises(LmforgeError, match=r"cls.jsonl line 1: no options: give --labels"):
+        evaluate(data, "classify", model, tok)
+
+
+# ---- generate -----------------------------------------------------------------------------------------------
+
+
+def test_metrics_on_constructed_outputs():
+    assert normalize_answer('  "Paris."\n') == "paris"
+    assert normalize_answer("The  Eiffel\tTower!") == "the eiffel tower"
+    assert normalize_answer("3.5") == "3.5" and normalize_answer("«Oui»") == "oui"
+    assert exact("Paris.", "paris") == 1.0 and exact("Paris, France", "Paris") == 0.0
+    assert contains("It is Paris, France.", "paris") == 1.0
+    assert contains("The answer is 14", "4") == 0.0  # whole words only
+    assert contains("New York City", "new york") == 1.0
+    precision, recall = 2 / 3, 2 / 5  # "the" stays a word: the light normalisation keeps articles
+    assert f1("the liquid methane", "liquid methane and liquid oxygen") == pytest.approx(
+        2 * precision * recall / (precision + recall))
+    assert f1("Paris.", "Paris") == 1.0 and f1("", "") == 1.0 and f1("x", "") == 0.0 and f1("a b", "c") == 0.0
+    assert regex("The answer: 42.", r"\b42\b") == 1.0 and regex("Answer 42", r"^42") == 0.0
+    assert regex("PARIS", "(?i)paris") == 1.0
+
+
+def test_generate_goes_through_the_chat_path_of_generate(tmp_path, tiny):
+    _, model, tok, _ = tiny
+    prompts = ["What is 2+2?", "Name a colour.", "Say hi", "Spell cat"]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    # what `lmforge generate --chat --temperature 0` answers, one prompt at a time
+    expected = [complete(model, tok, [encode_prompt(tok, p, chat=True)], params)[0].text for p in prompts]
+    assert len(set(expected)) > 1
+    rows = [{"input": p, "target": e if i % 2 == 0 else "no such answer"}
+            for i, (p, e) in enumerate(zip(prompts, expected, strict=True))]
+    rows[3] = {"instruction": prompts[3], "output": "no such answer"}  # Alpaca, no input
+    result = evaluate(write_rows(tmp_path / "gen.jsonl", rows), "generate", model, tok, params=params, batch_size=3)
+    assert [r["output"] for r in result.records] == expected
+    assert result.score == 0.5 and [r["score"] for r in result.records] == [1.0, 0.0, 1.0, 0.0]
+    assert result.metric == "exact" and result.n == 4
+
+
+def test_generate_without_a_chat_template_continues_the_raw_text(tmp_path, tiny):
+    _, model, tok, _ = tiny
+    plain = type(tok)(tok.backend, None, tok.bos_token, tok.eos_token)
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    expected = complete(model, plain, ["Once upon"], params)[0].text
+    rows = [{"prompt": "Once upon", "completion": expected}]
+    result = evaluate(write_rows(tmp_path / "raw.jsonl", rows), "generate", model, plain, params=params)
+    assert result.records[0]["output"] == expected and result.score == 1.0
+
+
+class FakeClient:
+    """A remote model that answers 'answer to <prompt>' and remembers what it was asked."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def stream_chat(self, messages, params):
+        self.asked.append(messages[-1]["content"])
+        yield Delta("answer to ")
+        yield Delta(messages[-1]["content"], "stop")
+
+
+def test_remote_model_and_resume_asks_only_about_new_rows(tmp_path):
+    rows = [{"input": f"q{i}", "target": f"answer to q{i}" if i % 3 else "wrong"} for i in range(7)]
+    prefix = write_rows(tmp_path / "prefix.jsonl", rows[:3])
+    full = write_rows(tmp_path / "full.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    client = FakeClient()
+    first = evaluate(prefix, "generate", client=client, out=out, batch_size=2)
+    assert client.asked == ["q0", "q1", "q2"] and first.n == 3 and first.score == pytest.approx(2 / 3)
+    with out.open("a") as f:
+        f.write('{"index": 3, "kind": "gen')  # a run killed mid-write
+    client.asked.clear()
+    second = evaluate(full, "generate", client=client, out=out, batch_size=2)
+    assert client.asked == ["q3", "q4", "q5", "q6"]
+    assert second.n == 7 and second.score == pytest.approx(4 / 7)
+    assert [r["index"] for r in second.records] == list(range(7))
+    saved = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in saved] == list(range(7))
+    assert [r["output"] for r in saved] == [f"answer to q{i}" for i in range(7)]
+    client.asked.clear()
+    again = evaluate(full, "generate", client=client, out=out, metric="contains")  # rescored from the records
+    assert client.asked == [] and again.score == pytest.approx(4 / 7) and again.metric == "contains"
+    write_rows(full, [{"input": "changed", "target": "x"}] + rows[1:])
+    with pytest.raises(LmforgeError, match=r"out.jsonl line 1: its row \(.*full.jsonl line 1\) changed"):
+        evaluate(full, "generate", client=client, out=out)
+    with pytest.raises(LmforgeError, match="holds generate records"):
+        choice = write_rows(tmp_path / "choice.jsonl", [{"input": "q0", "target": 0, "options": ["a", "b"]}])
+        evaluate(choice, "choice", model=object(), tokenizer=object(), out=out)  # type: ignore[arg-type]
+
+
+def test_choice_resume_scores_only_new_rows(tmp_path, tiny, monkeypatch):
+    _, model, tok, _ = tiny
+    rows = [{"input": p, "options": o, "target": 0} for p, o in CHOICE_ROWS]
+    out = tmp_path / "out.jsonl"
+    scored: list[list[int]] = []
+    real = harness.score_options
+
+    def counting(model, prompt, options, cache=None):
+        scored.append(prompt)
+        return real(model, prompt, options, cache)
+
+    monkeypatch.setattr(harness, "score_options", counting)
+    whole = evaluate(write_rows(tmp_path / "all.jsonl", rows), "choice", model, tok)
+    assert len(scored) == 5
+    scored.clear()
+    evaluate(write_rows(tmp_path / "two.jsonl", rows[:2]), "choice", model, tok, out=out)
+    assert len(scored) == 2
+    scored.clear()
+    resumed = evaluate(tmp_path / "all.jsonl", "choice", model, tok, out=out)
+    assert len(scored) == 3
+    assert [r["loglik"] for r in resumed.records] == [r["loglik"] for r in whole.records]
+    assert (resumed.score, resumed.extra["acc_norm"]) == (whole.score, whole.extra["acc_norm"])
+
+
+# ---- perplexity ---------------------------------------------------------------------------------------------
+
+
+def test_perplexity_kind_is_eval_perplexity(tmp_path, tiny):
+    _, model, tok, _ = tiny
+    text = "the quick brown fox jumps over the lazy dog. " * 4  # 180 bytes: more than the context of 64
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    expected = perplexity(model, tok.encode(text), 32, 8)
+    got = evaluate(path, "perplexity", model, tok, window=32, stride=8)
+    assert got.score == expected.perplexity and got.n == expected.tokens == len(text) - 1
+    assert got.extra["nll"] == expected.nll and got.ci_low is None
+    assert got.extra["bits_per_token"] == pytest.approx(expected.nll / expected.tokens / math.log(2))
+    short = evaluate(path, "perplexity", model, tok, limit=40)
+    assert short.score == perplexity(model, tok.encode(text)[:40]).perplexity and short.n == 39
+
+
+# ---- bootstrap ----------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_of_a_known_distribution():
+    scores = np.random.default_rng(1).permutation([1.0] * 700 + [0.0] * 300)  # mean exactly 0.7
+    low, high = bootstrap_ci(scores)
+    half = 1.96 * math.sqrt(0.7 * 0.3 / 1000)  # 0.0284: the normal approximation
+    assert low < 0.7 < high
+    assert (high - low) / 2 == pytest.approx(half, abs=0.003)
+    assert abs((low + high) / 2 - 0.7) < 0.003
+    assert bootstrap_ci(scores) == (low, high)  # seeded
+    assert bootstrap_ci(scores, seed=1) != (low, high)
+    assert bootstrap_ci([1.0] * 50) == (1.0, 1.0)
+    with pytest.raises(LmforgeError, match="no scores"):
+        bootstrap_ci([])
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "row", "message"), [
+    ("generate", {"input": "q"}, r'line 2: missing "target"'),
+    ("generate", {"instruction": "q", "input": "x"}, r'line 2: missing "output"'),
+    ("generate", {"prompt": "q"}, r'line 2: missing "completion"'),
+    ("generate", {"input": 3, "target": "x"}, r'line 2: "input" must be a string'),
+    ("generate", ["q", "a"], "line 2: a row must be a JSON object"),
+    ("choice", {"input": "q", "target": "a"}, r'line 2: no options: choice rows need an "options" list'),
+    ("choice", {"input": "q", "target": "c", "options": ["a", "b"]}, "line 2: the target must be one of the options"),
+    ("choice", {"input": "q", "target": 2, "options": ["a", "b"]}, "line 2: target index 2 is outside its 2 options"),
+    ("choice", {"input": "q", "target": 0, "options": ["a"]}, 'line 2: "options" must be a list of at least two'),
+])
+def test_bad_rows_name_file_and_line(tmp_path, kind, row, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"input": "ok", "target": "a", "options": ["a", "b"]}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(LmforgeError, match=f"rows.jsonl {message}"):
+        read_examples(path, kind)
+
+
+def test_bad_options_are_refused_before_work(tmp_path):
+    path = write_rows(tmp_path / "r.jsonl", [{"input": "q", "target": "a"}])
+    for kwargs, message in [
+        ({"kind": "generate", "labels": ["a", "b"]}, "--labels is for --kind classify"),
+        ({"kind": "choice", "metric": "f1"}, "--metric is for --kind generate"),
+        ({"kind": "generate", "metric": "bleu"}, "unknown metric"),
+        ({"kind": "nope"}, "unknown kind"),
+        ({"kind": "choice", "client": FakeClient()}, "needs the model's log-probabilities"),
+        ({"kind": "perplexity", "out": tmp_path / "o.jsonl"}, "perplexity scores one text"),
+        ({"kind": "generate", "stride": 4}, "--window and --stride are for --kind perplexity"),
+    ]:
+        with pytest.raises(LmforgeError, match=message):
+            evaluate(path, **kwargs)
+    (tmp_path / "x.jsonl").write_text('{"input": "q", "target": "(unclosed"}\n')
+    with pytest.raises(LmforgeError, match="x.jsonl line 1: the target is not a valid regex"):
+        evaluate(tmp_path / "x.jsonl", "generate", client=FakeClient(), metric="regex")
+    (tmp_path / "bad.jsonl").write_text("{nope\n")
+    with pytest.raises(LmforgeError, match="bad.jsonl line 1: not JSON"):
+        read_examples(tmp_path / "bad.jsonl", "generate")
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------
+
+
+def test_cli_json_output(tmp_path, tiny, capsys):
+    folder, model, tok, _ = tiny
+    rows = [{"input": p, "options": o, "target": 0} for p, o in CHOICE_ROWS]
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    base = ["eval", "--model", str(folder), "--dtype", "float32", "--data", str(data)]
+    assert main([*base, "--kind", "choice", "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    expected = evaluate(data, "choice", model, tok).summary()
+    assert set(got) >= {"score", "ci_low", "ci_high", "n", "acc", "acc_norm"}
+    assert got == pytest.approx(expected) and got["n"] == 5
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, hello again")
+    assert main(["eval", "--model", str(folder), "--dtype", "float32", "--data", str(text), "--kind", "perplexity",
+                 "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["perplexity"] == pytest.approx(perplexity(model, tok.encode(text.read_text())).perplexity)
+    assert got["tokens"] == len("hello world, hello again") - 1
+    gen = write_rows(tmp_path / "g.jsonl", [{"input": "hi", "target": "x"}, {"input": "yo", "target": "y"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["eval", "--model", str(folder), "--dtype", "float32", "--data", str(gen), "--max-new-tokens", "3",
+                 "--metric", "contains", "--out", str(out), "--limit", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "contains" in table and "n" in table and "[0.000, 0.000]" in table
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_cli_eval_and_eval_rag_both_parse():
+    args = build_parser().parse_args(["eval", "--data", "d.jsonl", "--kind", "choice"])
+    assert args.func.__name__ == "cmd_eval" and args.temperature == 0.0 and args.eval_command is None
+    args = build_parser().parse_args(["eval", "rag", "--store", "s.db", "--qa", "qa.jsonl", "--k", "3"])
+    assert args.func.__name__ == "cmd_eval_rag" and args.k == 3 and args.temperature == 0.2
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", [{"input": "q"}])
+    for argv, message in [
+        (["eval", "--data", str(data), "--labels", "a,b"], "error: --labels is for --kind classify"),
+        (["eval", "--data", str(data), "--model", "nowhere"], 'line 1: missing "target"'),  # before any load
+        (["eval"], "error: name the data"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    for argv in (["eval", "--data", "x", "--kind", "nope"], ["eval", "--data", "x", "--metric", "bleu"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and "invalid choice" in err
+
+
+# ---- the real model -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_model_choice_matches_transformers_and_knows_paris(smollm, hf_smollm):
+    model, tok = smollm
+    prompt_text, options = "The capital of France is", ["Paris", "London", "Berlin", "a banana"]
+    pairs = [split_pair(tok, prompt_text, o) for o in options]
+    ours = score_options(model, pairs[0][0], [o for _, o in pairs])
+    theirs = [hf_loglik(hf_smollm, pairs[0][0], o) for _, o in pairs]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert int(np.argmax(ours)) == 0
