@@ -137,9 +137,11 @@ def conversation_with_sources(messages: list[dict[str, str]], hits: list[Hit]) -
 def answer(
     question: str, store: Store, generate: Generator, k: int = 4, min_score: float = 0.25,
     embed_model: str | None = None, source_glob: str | None = None, on_text: Callable[[str], None] | None = None,
+    min_support: float = 0.6,
 ) -> Answer:
     """Retrieve k chunks, and answer from them when the best is relevant enough (cosine >= min_score to the
-    question); otherwise say nothing was found rather than let the model guess."""
+    question); otherwise say nothing was found rather than let the model guess. An answer sentence counts as
+    supported when a chunk is within cosine `min_support` of it or holds most of its words."""
     from lmforge.rag.index import store_embed_model
 
     model = store_embed_model(store, embed_model)
@@ -154,7 +156,7 @@ def answer(
         if on_text is not None:
             on_text(piece)
     text = "".join(pieces).strip()
-    return Answer(question, text, hits, citations(text, len(hits)), check_grounding(text, hits, model))
+    return Answer(question, text, hits, citations(text, len(hits)), check_grounding(text, hits, model, min_support))
 
 
 def local_generator(model: Transformer, tokenizer: Tokenizer, params: SamplingParams) -> Generator:

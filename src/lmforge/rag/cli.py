@@ -104,7 +104,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
         result = answer(args.question, store, generate, args.k, args.min_score, source_glob=args.source,
-                        on_text=show if streaming else None)
+                        on_text=show if streaming else None, min_support=args.min_support)
     finally:
         store.close()
     if args.format == "json":
@@ -176,5 +176,8 @@ def add_rag_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-score", type=float, default=0.25,
                    help="below this cosine similarity of the best chunk, say nothing was found (default 0.25)")
     p.add_argument("--source", default=None, metavar="GLOB", help="only chunks whose source path matches")
+    p.add_argument("--min-support", type=float, default=0.6,
+                   help="grounding: a sentence is supported by a chunk this close (cosine; or holding most of its "
+                   "words) (default 0.6)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_ask)
