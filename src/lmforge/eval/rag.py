@@ -3,7 +3,6 @@ groundedness, and latency percentiles, over a QA file of {"question", "answer", 
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import time
@@ -18,6 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.rag.answer import Generator, answer
 from lmforge.rag.retrieve import search
 from lmforge.rag.store import Store
+from lmforge.textio import jsonl_rows
 
 
 @dataclass
@@ -30,18 +30,8 @@ class QA:
 def read_qa(path: str | Path) -> list[QA]:
     """Rows of {"question", "answer", "source"}; a bad row is an error naming its line."""
     rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"cannot read {path}: {e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path} line {n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in ("question", "answer", "source")):
+    for n, row, _ in jsonl_rows(path):
+        if not all(isinstance(row.get(f), str) for f in ("question", "answer", "source")):
             raise LmforgeError(f'{path} line {n}: needs string fields "question", "answer" and "source"')
         rows.append(QA(row["question"], row["answer"], row["source"]))
     if not rows:
