@@ -349,6 +349,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from lmforge.data.cli import add_data_commands
     from lmforge.embed_cli import add_embed_command
     from lmforge.eval.cli import add_eval_commands
+    from lmforge.explain_cli import add_explain_command
     from lmforge.prompt_cli import add_prompt_command
     from lmforge.rag.cli import add_rag_commands
     from lmforge.serve.cli import add_serve_command
@@ -356,7 +357,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from lmforge.train.cli import add_train_commands
 
     return [add_embed_command, add_text_commands, add_data_commands, add_train_commands, add_serve_command,
-            add_rag_commands, add_eval_commands, add_prompt_command]
+            add_rag_commands, add_eval_commands, add_prompt_command, add_explain_command]
 
 
 def _one_line(message: str) -> str:

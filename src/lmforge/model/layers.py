@@ -89,6 +89,10 @@ class Attention(nn.Module):
         self.q_norm = Norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = Norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        # opt-in (eval/explain.py): spell attention out and keep its probabilities (B, H, T, S) here; off, the
+        # fused SDPA path runs untouched
+        self.keep_weights = False
+        self.weights: Tensor | None = None
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys/values of the encoder output: (B, S, d) -> k, v each (B, n_kv_head, S, hd)."""
@@ -128,6 +132,8 @@ class Attention(nn.Module):
                 k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd): every key this call may attend to
         if k.dtype != q.dtype:  # a quantized model's bf16 cache: attention in fp32 (bf16 SDPA is ~4x slower here)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.keep_weights:
+            return self.out(self.attend_keeping_weights(q, k, v, mask, is_causal).transpose(1, 2).reshape(B, T, -1))
         if T == 1 and B >= 16 and not self.training and (mask is None or mask.dtype == torch.bool):
             return self.out(decode_attention(q, k, v, mask, self.scale).transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
@@ -135,6 +141,24 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend_keeping_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        """What SDPA computes, spelled out: q (B, H, T, hd), k/v (B, n_kv, S, hd) -> (B, H, T, hd); the
+        probabilities softmax(q k^T * scale + mask) are kept in self.weights (B, H, T, S)."""
+        group = self.n_head // self.n_kv_head  # each kv head serves this many query heads (SDPA's enable_gqa)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+        # (B, H, T, S); softmax in at least fp32, as SDPA's kernels accumulate
+        scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        elif is_causal:  # SDPA's is_causal: query i sees keys 0..i (top-left aligned)
+            T, S = scores.shape[-2:]
+            scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        weights = scores.softmax(dim=-1)
+        self.weights = weights.detach()
+        if self.training and self.dropout:
+            weights = F.dropout(weights, self.dropout)
+        return torch.matmul(weights.to(v.dtype), v)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float) -> Tensor:
