@@ -54,6 +54,8 @@ bench: install
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/embed.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/rag.py
+	$(PY) benchmarks/eval.py
 
 # tokenizer + prepare + ~15 minutes of pre-training on the Python docs (README: "Pre-training from scratch")
 example-pretrain: install
