@@ -71,12 +71,17 @@ def stream(
 
 def complete(
     model: Transformer, tokenizer: Tokenizer | None, prompts: list[str] | list[list[int]],
-    params: SamplingParams | None = None, truncate: bool = False, max_batch: int = 32, eos_ids: list[int] | None = None,
+    params: SamplingParams | list[SamplingParams] | None = None, truncate: bool = False, max_batch: int = 32,
+    eos_ids: list[int] | None = None,
 ) -> list[Completion]:
-    """Generate for many prompts at once (up to max_batch decoding together); results in prompt order.
-    Without a tokenizer the prompts are token ids and the texts stay empty."""
+    """Generate for many prompts at once (up to max_batch decoding together); results in prompt order. `params`
+    is shared, or one per prompt (e.g. each sample of a self-consistency vote with its own seed). Without a
+    tokenizer the prompts are token ids and the texts stay empty."""
+    if isinstance(params, list) and len(params) != len(prompts):
+        raise LmforgeError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
+    each = params if isinstance(params, list) else [params] * len(prompts)
     engine = Engine(model, tokenizer, max_batch=max_batch, eos_ids=eos_ids)
-    order = [engine.add(_ids(tokenizer, p), params, truncate=truncate) for p in prompts]
+    order = [engine.add(_ids(tokenizer, p), q, truncate=truncate) for p, q in zip(prompts, each, strict=True)]
     texts: dict[int, list[str]] = {i: [] for i in order}
     tokens: dict[int, list[StepOutput]] = {i: [] for i in order}
     done: dict[int, Completion] = {}

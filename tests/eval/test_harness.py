@@ -282,7 +282,7 @@ def test_bootstrap_interval_of_a_known_distribution():
     ("generate", {"instruction": "q", "input": "x"}, r'line 2: missing "output"'),
     ("generate", {"prompt": "q"}, r'line 2: missing "completion"'),
     ("generate", {"input": 3, "target": "x"}, r'line 2: "input" must be a string'),
-    ("generate", ["q", "a"], "line 2: a row must be a JSON object"),
+    ("generate", ["q", "a"], "line 2: expected a JSON object"),
     ("choice", {"input": "q", "target": "a"}, r'line 2: no options: choice rows need an "options" list'),
     ("choice", {"input": "q", "target": "c", "options": ["a", "b"]}, "line 2: the target must be one of the options"),
     ("choice", {"input": "q", "target": 2, "options": ["a", "b"]}, "line 2: target index 2 is outside its 2 options"),
@@ -312,7 +312,7 @@ def test_bad_options_are_refused_before_work(tmp_path):
     with pytest.raises(LmforgeError, match="x.jsonl line 1: the target is not a valid regex"):
         evaluate(tmp_path / "x.jsonl", "generate", client=FakeClient(), metric="regex")
     (tmp_path / "bad.jsonl").write_text("{nope\n")
-    with pytest.raises(LmforgeError, match="bad.jsonl line 1: not JSON"):
+    with pytest.raises(LmforgeError, match="bad.jsonl line 1: not valid JSON"):
         read_examples(tmp_path / "bad.jsonl", "generate")
 
 
@@ -347,7 +347,10 @@ def test_cli_json_output(tmp_path, tiny, capsys):
 
 def test_cli_eval_and_eval_rag_both_parse():
     args = build_parser().parse_args(["eval", "--data", "d.jsonl", "--kind", "choice"])
-    assert args.func.__name__ == "cmd_eval" and args.temperature == 0.0 and args.eval_command is None
+    # None: greedy at run time, 0.7 with --samples N > 1 (cli._default_temperature)
+    assert args.func.__name__ == "cmd_eval" and args.temperature is None and args.eval_command is None
+    args = build_parser().parse_args(["eval", "compare", "--data", "d.jsonl", "--variant", "a", "--variant", "b"])
+    assert args.func.__name__ == "cmd_eval_compare" and args.variant == ["a", "b"] and args.png == "compare.png"
     args = build_parser().parse_args(["eval", "rag", "--store", "s.db", "--qa", "qa.jsonl", "--k", "3"])
     assert args.func.__name__ == "cmd_eval_rag" and args.k == 3 and args.temperature == 0.2
 
@@ -381,3 +384,182 @@ def test_real_model_choice_matches_transformers_and_knows_paris(smollm, hf_smoll
     theirs = [hf_loglik(hf_smollm, pairs[0][0], o) for _, o in pairs]
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     assert int(np.argmax(ours)) == 0
+
+
+# ---- prompts: templates, shots, self-consistency ------------------------------------------------------------
+
+TEMPLATE = """\
+{% block instruction %}Answer in one word.{% endblock %}
+{% block input %}Q: {{ input }}{% endblock %}
+"""
+WEATHER = ["Will it rain tomorrow?", "Is it sunny outside today?", "How cold is the winter here?",
+           "Does it snow in the mountains?"]
+FOOD = ["What goes well with pasta?", "Is pizza better with cheese?", "How do I bake fresh bread?",
+        "Which soup is best for dinner?"]
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory):
+    """(folder, model, tokenizer): a random 1-layer llama with the chat template and a context of 512, room for
+    a few shots of bytes."""
+    folder = llama_folder(tmp_path_factory.mktemp("roomy") / "llama", chat_template=True, context=512)
+    return (folder, *load(folder, dtype="float32"))
+
+
+def prompt_files(tmp_path, pool_rows, rows):
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATE)
+    return template, write_rows(tmp_path / "pool.jsonl", pool_rows), write_rows(tmp_path / "rows.jsonl", rows)
+
+
+def test_shots_reach_the_engine_exactly_as_build_prompt_makes_them(tmp_path, roomy, monkeypatch, capsys):
+    from lmforge.prompts import build_prompt, read_pool, select_shots
+
+    folder, model, tok = roomy
+    pool_rows = [{"input": q, "target": f"a{i}"} for i, q in enumerate(WEATHER + FOOD)]
+    rows = [{"input": "Is it windy?", "target": "x"}, {"instruction": "Name a fruit.", "input": "", "output": "y"}]
+    template, pool_path, data = prompt_files(tmp_path, pool_rows, rows)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    pool = read_pool(pool_path)
+    built = [build_prompt(template, {"input": "Is it windy?"}, select_shots(pool, "Is it windy?", 2), tok,
+                          max_tokens=512 - 6),
+             build_prompt(template, {"instruction": "Name a fruit.", "input": ""},
+                          select_shots(pool, "Name a fruit.", 2), tok, max_tokens=512 - 6)]
+    assert built[0].chat and "a0" in built[0].text and "a1" in built[0].text and "Q: Is it windy?" in built[0].text
+    expected = [c.text for c in complete(model, tok, [b.ids for b in built], params)]
+    seen: list[list[int]] = []
+    real = harness.complete
+
+    def spy(model, tokenizer, prompts, params=None, **kwargs):
+        seen.extend(prompts)
+        return real(model, tokenizer, prompts, params, **kwargs)
+
+    monkeypatch.setattr(harness, "complete", spy)
+    spec = harness.PromptSpec(template, 2, pool_path)
+    result = evaluate(data, "generate", model, tok, params=params, prompts=spec, out=tmp_path / "out.jsonl")
+    assert seen == [b.ids for b in built]  # the built ids, not rendered through the chat template a second time
+    assert [r["output"] for r in result.records] == expected
+    assert [r["prompt"] for r in result.records] == [b.text for b in built]
+    saved = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [s["shots"] for s in saved] == [[{"line": 1, "input": WEATHER[0]}, {"line": 2, "input": WEATHER[1]}]] * 2
+    # the CLI: the same records
+    seen.clear()
+    out = tmp_path / "cli.jsonl"
+    assert main(["eval", "--model", str(folder), "--dtype", "float32", "--data", str(data), "--template",
+                 str(template), "--shots", "2", "--pool", str(pool_path), "--max-new-tokens", "6", "--out",
+                 str(out), "--format", "json"]) == 0
+    assert seen == [b.ids for b in built]
+    assert [json.loads(line)["output"] for line in out.read_text().splitlines()] == expected
+
+
+def test_choice_scores_options_after_the_built_plain_prompt(tmp_path, roomy):
+    from lmforge.prompts import build_prompt, read_pool
+
+    _, model, tok = roomy
+    template, pool_path, data = prompt_files(tmp_path, [{"input": "Is it hot?", "target": "yes"}],
+                                             [{"input": "Is ice cold?", "options": ["yes", "no"], "target": 0}])
+    result = evaluate(data, "choice", model, tok, prompts=harness.PromptSpec(template, 1, pool_path))
+    text = build_prompt(template, {"input": "Is ice cold?"}, list(read_pool(pool_path)), tok, chat=False).text
+    assert result.records[0]["prompt"] == text and "Q: Is it hot?" not in text  # plain: the example block
+    assert "Input: Is it hot?\nOutput: yes" in text
+    pairs = [split_pair(tok, text, o) for o in ("yes", "no")]
+    assert result.records[0]["loglik"] == pytest.approx(score_options(model, pairs[0][0], [o for _, o in pairs]))
+
+
+def test_similar_selection_gives_each_row_its_own_shots(tmp_path, roomy):
+    _, model, tok = roomy
+    pool_rows = [{"input": q, "target": "w"} for q in WEATHER[:2]] + [{"input": q, "target": "f"} for q in FOOD]
+    pool_rows += [{"input": q, "target": "w"} for q in WEATHER[2:]]
+    rows = [{"input": "Will there be a storm this weekend?", "target": "w"},
+            {"input": "What should I cook for lunch?", "target": "f"}]
+    template, pool_path, data = prompt_files(tmp_path, pool_rows, rows)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    shots = {}
+    for how in ("first", "similar"):
+        result = evaluate(data, "generate", model, tok, params=params,
+                          prompts=harness.PromptSpec(template, 2, pool_path, how))
+        shots[how] = [[s["input"] for s in r["shots"]] for r in result.records]
+    assert shots["first"] == [WEATHER[:2], WEATHER[:2]]
+    weather, food = shots["similar"]
+    assert set(weather) <= set(WEATHER) and set(food) <= set(FOOD)  # each row its own topic's shots
+
+
+def test_shots_that_overflow_are_dropped_with_a_warning_naming_the_row(tmp_path, roomy):
+    _, model, tok = roomy
+    pool_rows = [{"input": f"{i} " + "a long example question " * 6, "target": "ok"} for i in range(3)]
+    template, pool_path, data = prompt_files(tmp_path, pool_rows, [{"input": "short?", "target": "x"}])
+    params = SamplingParams(max_new_tokens=250, temperature=0.0)
+    with pytest.warns(UserWarning, match=r"rows.jsonl line 1: dropped [12] of 3 shots to fit the prompt in 262"):
+        result = evaluate(data, "generate", model, tok, params=params, prompts=harness.PromptSpec(template, 3,
+                                                                                                  pool_path))
+    kept = len(result.records[0]["shots"])
+    assert 1 <= kept < 3 and len(tok.encode(result.records[0]["prompt"], add_special_tokens=False)) <= 262
+    with pytest.raises(LmforgeError, match=r"line 1: 600 tokens for the answer leave no room"):
+        evaluate(data, "generate", model, tok, params=SamplingParams(max_new_tokens=600),
+                 prompts=harness.PromptSpec(template, 3, pool_path))
+
+
+class VotingClient:
+    """A remote model whose answers go round a fixed list."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = answers, 0
+
+    def stream_chat(self, messages, params):
+        self.calls += 1
+        yield Delta(self.answers[(self.calls - 1) % len(self.answers)], "stop")
+
+
+def test_samples_score_the_majority_vote(tmp_path, roomy, monkeypatch):
+    data = write_rows(tmp_path / "q.jsonl", [{"input": "capital of France?", "target": "paris"}])
+    client = VotingClient(["Paris.", "Rome", "paris"])
+    result = evaluate(data, "generate", client=client, samples=3)
+    record = result.records[0]
+    assert client.calls == 3 and record["outputs"] == ["Paris.", "Rome", "paris"]
+    assert record["output"] == "Paris." and record["agreement"] == pytest.approx(2 / 3) and result.score == 1.0
+    one = evaluate(data, "generate", client=VotingClient(["Rome", "Paris.", "paris"]), samples=1)
+    assert one.score == 0.0  # a single sample is the first answer
+    # a local model: all samples of all rows in one engine batch, sample j seeded seed + j
+    _, model, tok = roomy
+    rows = write_rows(tmp_path / "r.jsonl", [{"input": "hi", "target": "x"}, {"input": "yo", "target": "y"}])
+    batches = []
+    real = harness.complete
+
+    def spy(model, tokenizer, prompts, params=None, **kwargs):
+        batches.append(len(prompts))
+        return real(model, tokenizer, prompts, params, **kwargs)
+
+    monkeypatch.setattr(harness, "complete", spy)
+    params = SamplingParams(max_new_tokens=5, temperature=1.5, seed=7)
+    result = evaluate(rows, "generate", model, tok, params=params, samples=3)
+    assert batches == [6]
+    for record, text in zip(result.records, ["hi", "yo"], strict=True):
+        ids = encode_prompt(tok, text, chat=True)
+        expected = [complete(model, tok, [ids], SamplingParams(max_new_tokens=5, temperature=1.5, seed=7 + j))[0].text
+                    for j in range(3)]
+        assert record["outputs"] == expected and len(set(expected)) > 1
+    with pytest.raises(LmforgeError, match="--samples 3 needs a temperature > 0"):
+        evaluate(rows, "generate", model, tok, params=SamplingParams(temperature=0.0), samples=3)
+    with pytest.raises(LmforgeError, match="--samples is for --kind generate"):
+        evaluate(rows, "choice", model, tok, samples=3)
+    args = build_parser().parse_args(["eval", "--data", "d.jsonl", "--samples", "3"])
+    assert args.temperature is None and args.samples == 3
+
+
+def test_cli_prompt_mistakes_are_one_line_before_any_load(tmp_path, capsys):
+    pool = write_rows(tmp_path / "pool.jsonl", [{"input": "a", "target": "b"}, {"input": "c", "target": "d"}])
+    data = write_rows(tmp_path / "r.jsonl", [{"input": "q", "target": "a"}])
+    base = ["eval", "--data", str(data), "--model", "nowhere"]
+    for argv, message in [
+        ([*base, "--shots", "3", "--pool", str(pool)], f"asked for 3 shots but the pool {pool} holds only 2"),
+        ([*base, "--shots", "2"], "--shots K and --pool FILE go together"),
+        ([*base, "--pool", str(pool)], "--shots K and --pool FILE go together"),
+        ([*base, "--select", "similar"], "--select needs --shots K"),
+        ([*base, "--template", str(tmp_path / "none.jinja")], "no such file"),
+        ([*base, "--kind", "perplexity", "--template", str(pool)], "--template and --shots are for --kind"),
+        ([*base, "--kind", "choice", "--samples", "2"], "--samples is for --kind generate"),
+        ([*base, "--samples", "2", "--temperature", "0"], "--samples 2 needs a temperature > 0"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)

@@ -11,6 +11,13 @@ Kinds
 - classify: choice with one option list for every row (`labels`), unless a row brings its own.
 - perplexity: the token-level perplexity of a whole text file (eval/perplexity.py).
 
+Prompts (PromptSpec, lmforge.prompts): with a template or shots, each row's prompt is built by `build_prompt`
+from the row's variables (`input`; Alpaca rows also `instruction`) and `shots` examples picked from a pool for
+that row. generate sends the built ids to the engine as they are (the chat template, when the model has one, is
+applied once, by build_prompt); choice/classify score the options after the built plain text (no chat template,
+as above). Shots that do not fit the context are dropped, with a warning naming the row. With `samples` > 1,
+generate samples that many answers per row and scores their majority vote (self-consistency).
+
 The continuation convention follows lm-eval: the option is scored as the continuation of the row's plain prompt
 text (no chat template) after one space, `prompt + " " + option`, unless the option already starts with
 whitespace or the prompt ends with it; whitespace at the end of the prompt moves onto the option, so the option's
@@ -24,8 +31,9 @@ import json
 import math
 import re
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,7 +44,20 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity
 from lmforge.generate import complete, encode_prompt
+from lmforge.prompts import (
+    SELECTIONS,
+    Pool,
+    PromptTemplate,
+    build_prompt,
+    load_template,
+    majority_vote,
+    read_pool,
+    select_shots,
+)
+from lmforge.prompts import normalize_answer as vote_key
 from lmforge.sampling import SamplingParams
+from lmforge.textio import jsonl_rows
+from lmforge.weights.registry import DEFAULT_EMBED_MODEL
 
 if TYPE_CHECKING:
     from lmforge.client import Client
@@ -64,6 +85,9 @@ class Example:
     prompt: str
     target: str | int  # generate: the answer text; choice/classify: the index of the right option
     options: list[str] | None = None
+    variables: dict[str, str] = field(default_factory=dict)  # a template's variables: input (+ instruction)
+    ids: list[int] | None = None  # generate with a PromptSpec: the built prompt's tokens, sent as they are
+    shots: list[dict[str, Any]] | None = None  # with a PromptSpec: the shots in the prompt (pool line, input)
 
 
 def _text_and_target(row: dict[str, Any], where: str) -> tuple[str, Any]:
@@ -97,10 +121,12 @@ def _parse_row(row: Any, index: int, where: str, kind: str, labels: list[str] | 
     if not isinstance(row, dict):
         raise LmforgeError(f"{where}: a row must be a JSON object with {ROW_SHAPES}")
     prompt, target = _text_and_target(row, where)
+    variables = ({"instruction": row["instruction"], "input": row.get("input") or ""} if "instruction" in row
+                 else {"input": prompt})
     if kind == "generate":
         if isinstance(target, bool) or not isinstance(target, str | int | float):
             raise LmforgeError(f"{where}: the target must be a string, got {type(target).__name__}")
-        return Example(index, where, prompt, str(target))
+        return Example(index, where, prompt, str(target), variables=variables)
     options = row.get("options")
     if options is None and kind == "classify":
         options = labels
@@ -109,7 +135,7 @@ def _parse_row(row: Any, index: int, where: str, kind: str, labels: list[str] | 
         raise LmforgeError(f'{where}: no options: {hint} an "options" list in the row')
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
         raise LmforgeError(f'{where}: "options" must be a list of at least two non-empty strings')
-    return Example(index, where, prompt, _target_index(target, options, where), list(options))
+    return Example(index, where, prompt, _target_index(target, options, where), list(options), variables)
 
 
 def read_examples(path: str | Path, kind: str, labels: list[str] | None = None, limit: int | None = None
@@ -117,20 +143,10 @@ def read_examples(path: str | Path, kind: str, labels: list[str] | None = None, 
     """The rows of a JSONL file (blank lines skipped), the first `limit` of them when given."""
     if kind not in KINDS or kind == "perplexity":
         raise LmforgeError(f"rows are for kinds generate, choice and classify, not {kind!r}")
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"cannot read {path}: {e}") from None
     examples: list[Example] = []
-    for n, line in enumerate(lines, 1):
+    for n, row, _ in jsonl_rows(path):
         if limit is not None and len(examples) >= limit:
             break
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path} line {n}: not JSON ({e.msg})") from None
         examples.append(_parse_row(row, len(examples), f"{path} line {n}", kind, labels))
     if not examples:
         raise LmforgeError(f"{path} holds no rows")
@@ -145,10 +161,20 @@ def read_text(path: str | Path) -> str:
 
 
 def check_options(kind: str, metric: str | None = None, labels: list[str] | None = None, remote: bool = False,
-                  out: str | Path | None = None, window: int | None = None, stride: int | None = None) -> None:
-    """Options that do not fit the kind, refused before anything slow (loading, generating) starts."""
+                  out: str | Path | None = None, window: int | None = None, stride: int | None = None,
+                  prompts: bool = False, samples: int = 1) -> None:
+    """Options that do not fit the kind, refused before anything slow (loading, generating) starts. `prompts`:
+    a PromptSpec (template or shots) is given."""
     if kind not in KINDS:
         raise LmforgeError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+    if prompts and kind == "perplexity":
+        raise LmforgeError("--template and --shots are for --kind generate, choice and classify")
+    if prompts and remote:
+        raise LmforgeError("--template and --shots build prompts with a local model's tokenizer: not with --api-base")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise LmforgeError(f"--samples must be an integer >= 1, got {samples!r}")
+    if samples > 1 and kind != "generate":
+        raise LmforgeError("--samples is for --kind generate (a majority vote over sampled answers)")
     if metric is not None and metric not in METRICS:
         raise LmforgeError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
     if metric is not None and kind != "generate":
@@ -165,6 +191,77 @@ def check_options(kind: str, metric: str | None = None, labels: list[str] | None
         raise LmforgeError("--out saves per-example records: perplexity scores one text and has none")
     if kind != "perplexity" and (window is not None or stride is not None):
         raise LmforgeError("--window and --stride are for --kind perplexity")
+
+
+# ---- prompts -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """How each row's prompt is built: a template (None: lmforge.prompts' default) and `shots` examples from
+    `pool`, picked per row by `select`. `random` draws row i's shots with seed + i: reproducible, yet rows differ."""
+
+    template: PromptTemplate | str | Path | None = None
+    shots: int = 0
+    pool: Pool | str | Path | None = None
+    select: str = "first"
+    seed: int | None = 0  # None: a fresh draw every run
+    embed_model: str | Path = DEFAULT_EMBED_MODEL
+
+    def load(self) -> tuple[PromptTemplate, Pool | None]:
+        """The template and pool, checked: every mistake here is refused before a model loads."""
+        if self.select not in SELECTIONS:
+            raise LmforgeError(f"unknown shot selection {self.select!r} (choose from {', '.join(SELECTIONS)})")
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
+            raise LmforgeError(f"the number of shots must be an integer >= 0, got {self.shots!r}")
+        template = load_template(self.template)
+        pool = self.pool if isinstance(self.pool, Pool) or self.pool is None else read_pool(self.pool)
+        if self.shots and pool is None:
+            raise LmforgeError(f"{self.shots} shots need a pool of examples to draw them from (--pool FILE)")
+        if pool is not None and self.shots > len(pool):
+            raise LmforgeError(f"asked for {self.shots} shots but the pool {pool.source} holds only {len(pool)} "
+                               "examples")
+        return template, pool
+
+
+def _room(ex: Example, tokenizer: Tokenizer, params: SamplingParams | None) -> int:
+    """Tokens kept free after the prompt: the answer's (generate) or the longest option's (choice)."""
+    if ex.options is None:
+        return (params or default_params()).max_new_tokens
+    return max(len(tokenizer.encode(" " + o, add_special_tokens=False)) for o in ex.options)
+
+
+def render_prompts(examples: list[Example], kind: str, spec: PromptSpec, tokenizer: Tokenizer, context: int,
+                   params: SamplingParams | None = None) -> list[Example]:
+    """The rows with their prompts built by lmforge.prompts.build_prompt: generate through the chat template when
+    the tokenizer has one (the ids kept for the engine), choice/classify as plain text. Shots dropped to fit the
+    context are warned about once per row, naming it."""
+    template, pool = spec.load()
+    built = []
+    for ex in examples:
+        room = _room(ex, tokenizer, params)
+        if room >= context:
+            raise LmforgeError(f"{ex.where}: {room} tokens for the answer leave no room for a prompt in the model's "
+                               f"context of {context} (lower --max-new-tokens)")
+        try:
+            shots = []
+            if spec.shots:
+                assert pool is not None
+                seed = None if spec.seed is None else (spec.seed + ex.index) % 2**63
+                shots = select_shots(pool, ex.prompt, spec.shots, spec.select, seed,  # type: ignore[arg-type]
+                                     spec.embed_model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # build_prompt's own warning does not say which row: ours does
+                prompt = build_prompt(template, ex.variables or {"input": ex.prompt}, shots, tokenizer,
+                                      chat=None if kind == "generate" else False, max_tokens=context - room)
+        except LmforgeError as e:
+            raise LmforgeError(f"{ex.where}: {e}") from None
+        if prompt.dropped:
+            warnings.warn(f"{ex.where}: dropped {prompt.dropped} of {len(shots)} shots to fit the prompt in "
+                          f"{context - room} tokens", stacklevel=2)
+        used = [{"line": s.line, "input": s.input} for s in prompt.shots_used]
+        built.append(replace(ex, prompt=prompt.text, ids=prompt.ids if kind == "generate" else None, shots=used))
+    return built
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------
@@ -344,7 +441,7 @@ def _summarise(kind: str, metric: str, records: list[dict[str, Any]]) -> EvalRes
                        "acc_norm_ci_high": high})
 
 
-def _read_done(out: Path, kind: str, examples: list[Example]) -> dict[int, dict[str, Any]]:
+def _read_done(out: Path, kind: str, examples: list[Example], samples: int = 1) -> dict[int, dict[str, Any]]:
     """Records an earlier run wrote to `out`, by row index; a partial last line (a run killed mid-write) is cut."""
     if not out.exists():
         return {}
@@ -379,6 +476,9 @@ def _read_done(out: Path, kind: str, examples: list[Example]) -> dict[int, dict[
         kept = ("output",) if kind == "generate" else ("loglik", "tokens")
         if not all(k in record for k in kept):
             raise LmforgeError(f"{out} line {n}: a {kind} record needs {' and '.join(kept)}: use another --out")
+        if len(record.get("outputs", [None])) != samples:
+            raise LmforgeError(f"{out} line {n}: recorded with --samples {len(record.get('outputs', [None]))}, "
+                               f"this run has {samples}: use another --out")
         done[record["index"]] = record
     return done
 
@@ -393,23 +493,43 @@ def _chunks(items: list[Example], size: int) -> Iterator[list[Example]]:
 
 def generate_answers(prompts: list[str], model: Transformer | None = None, tokenizer: Tokenizer | None = None,
                      client: Client | None = None, params: SamplingParams | None = None, batch_size: int = 32,
-                     wheres: list[str] | None = None) -> list[str]:
-    """Answers to user turns: a local chat model's come through its chat template and the engine (the path of
-    `lmforge generate --chat`; a model without a template continues the raw text), a remote model's from its
-    chat endpoint."""
+                     wheres: list[str] | None = None, ids: list[list[int]] | None = None, samples: int = 1
+                     ) -> list[list[str]]:
+    """`samples` answers to each user turn: a local chat model's come through its chat template and the engine (the
+    path of `lmforge generate --chat`; a model without a template continues the raw text), a remote model's from
+    its chat endpoint. `ids`: prompts already built (render_prompts), sent to the engine as they are."""
     params = params or default_params()
     if client is not None:
-        return ["".join(d.text for d in client.stream_chat([{"role": "user", "content": p}], params)) for p in prompts]
+        return [["".join(d.text for d in client.stream_chat([{"role": "user", "content": p}], params))
+                 for _ in range(samples)] for p in prompts]
     if model is None or tokenizer is None:
         raise LmforgeError("generation needs a model and its tokenizer, or a client")
-    chat = bool(tokenizer.chat_template)
-    ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
+    if ids is None:
+        chat = bool(tokenizer.chat_template)
+        ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
     for i, row in enumerate(ids):
         if len(row) >= model.cfg.max_seq_len:
             where = wheres[i] if wheres else f"prompt {i}"
             raise LmforgeError(f"{where}: the prompt has {len(row)} tokens, the model's context is "
                                f"{model.cfg.max_seq_len}")
-    return [c.text for c in complete(model, tokenizer, ids, params, max_batch=batch_size)]
+    if samples == 1:
+        return [[c.text] for c in complete(model, tokenizer, ids, params, max_batch=batch_size)]
+    # all samples of all rows as one engine batch, each sample with its own seed (N draws with one seed would be
+    # one answer N times)
+    requests = [(row, replace(params, seed=None if params.seed is None else (params.seed + j) % 2**63))
+                for row in ids for j in range(samples)]
+    done = complete(model, tokenizer, [row for row, _ in requests], [q for _, q in requests],
+                    max_batch=len(requests))
+    texts = [c.text for c in done]
+    return [texts[i * samples : (i + 1) * samples] for i in range(len(ids))]
+
+
+def _vote(outputs: list[str]) -> dict[str, Any]:
+    """The record of sampled answers: the majority answer (the first sample that says it, as written), the share
+    that agree with it, and every sample."""
+    best, agreement = majority_vote(outputs, vote_key)
+    output = next(o for o in outputs if vote_key(o) == best)
+    return {"output": output, "outputs": outputs, "agreement": agreement}
 
 
 def _encode_choice(ex: Example, tokenizer: Tokenizer, context: int) -> tuple[list[int], list[list[int]]]:
@@ -434,16 +554,23 @@ def _choice_records(examples: list[Example], model: Transformer, tokenizer: Toke
 def evaluate_examples(
     examples: list[Example], kind: str, model: Transformer | None = None, tokenizer: Tokenizer | None = None,
     client: Client | None = None, metric: str | None = None, params: SamplingParams | None = None,
-    out: str | Path | None = None, batch_size: int = 32, progress: bool = False,
+    out: str | Path | None = None, batch_size: int = 32, progress: bool = False, prompts: PromptSpec | None = None,
+    samples: int = 1,
 ) -> EvalResult:
     """Score the rows; with `out`, rows already recorded there are skipped and the new records appended as each
-    batch finishes, so an interrupted run picks up where it stopped. The summary covers every row."""
+    batch finishes, so an interrupted run picks up where it stopped. The summary covers every row. `prompts`:
+    build each row's prompt with a template and shots (render_prompts); `samples` > 1: score the majority vote
+    of that many sampled answers per row (generate; params needs a temperature > 0)."""
     from rich.console import Console
     from rich.progress import Progress
 
-    check_options(kind, metric, remote=client is not None)
+    check_options(kind, metric, remote=client is not None, prompts=prompts is not None, samples=samples)
     if kind == "perplexity":
         raise LmforgeError("perplexity scores a text: use evaluate_perplexity")
+    if samples > 1:
+        params = params or replace(default_params(), temperature=0.7)
+        if params.temperature == 0:
+            raise LmforgeError(f"--samples {samples} needs a temperature > 0: greedy answers are all the same")
     metric = metric or "exact"
     if kind == "generate" and metric == "regex":
         for ex in examples:
@@ -453,8 +580,11 @@ def evaluate_examples(
                 raise LmforgeError(f"{ex.where}: the target is not a valid regex ({e})") from None
     if client is None and (model is None or tokenizer is None):
         raise LmforgeError("evaluation needs a model and its tokenizer, or a client")
+    if prompts is not None:
+        assert model is not None and tokenizer is not None
+        examples = render_prompts(examples, kind, prompts, tokenizer, model.cfg.max_seq_len, params)
     out_path = Path(out).expanduser() if out is not None else None
-    done = _read_done(out_path, kind, examples) if out_path is not None else {}
+    done = _read_done(out_path, kind, examples, samples) if out_path is not None else {}
     todo = [ex for ex in examples if ex.index not in done]
     scored: Iterator[dict[str, Any]] | None = None
     if kind != "generate" and todo:
@@ -466,15 +596,19 @@ def evaluate_examples(
             task = bar.add_task(f"eval {kind}", total=len(examples), completed=len(done))
             for batch in _chunks(todo, batch_size):
                 if kind == "generate":
+                    ids = [ex.ids or [] for ex in batch] if prompts is not None else None
                     outputs = generate_answers([ex.prompt for ex in batch], model, tokenizer, client, params,
-                                               batch_size, [ex.where for ex in batch])
-                    found = [{"prompt": ex.prompt, "target": ex.target, "output": o}
+                                               batch_size, [ex.where for ex in batch], ids, samples)
+                    found = [{"prompt": ex.prompt, "target": ex.target,
+                              **(_vote(o) if samples > 1 else {"output": o[0]})}
                              for ex, o in zip(batch, outputs, strict=True)]
                 else:
                     assert scored is not None
                     found = [next(scored) for _ in batch]
                 for ex, record in zip(batch, found, strict=True):
                     record = {"index": ex.index, "kind": kind, **record}
+                    if ex.shots is not None:
+                        record["shots"] = ex.shots
                     done[ex.index] = record
                     if sink is not None:
                         sink.write(json.dumps(_rescore(record, kind, metric), ensure_ascii=False) + "\n")
@@ -503,12 +637,16 @@ def evaluate(
     client: Client | None = None, metric: str | None = None, labels: list[str] | None = None,
     params: SamplingParams | None = None, out: str | Path | None = None, limit: int | None = None,
     batch_size: int = 32, window: int | None = None, stride: int | None = None, progress: bool = False,
+    prompts: PromptSpec | None = None, samples: int = 1,
 ) -> EvalResult:
     """Evaluate a model on a data file: JSONL rows for generate/choice/classify, a text for perplexity."""
-    check_options(kind, metric, labels, client is not None, out, window, stride)
+    check_options(kind, metric, labels, client is not None, out, window, stride, prompts is not None, samples)
     if kind == "perplexity":
         if model is None or tokenizer is None:
             raise LmforgeError("perplexity needs a local model and its tokenizer")
         return evaluate_perplexity(model, tokenizer, read_text(data), window, stride, limit)
     examples = read_examples(data, kind, labels, limit)
-    return evaluate_examples(examples, kind, model, tokenizer, client, metric, params, out, batch_size, progress)
+    if prompts is not None:
+        prompts.load()  # a bad template or pool before any work
+    return evaluate_examples(examples, kind, model, tokenizer, client, metric, params, out, batch_size, progress,
+                             prompts, samples)
