@@ -27,6 +27,7 @@ after the prompt's own tokens.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -356,38 +357,59 @@ def split_pair(tokenizer: Tokenizer, prompt: str, option: str) -> tuple[list[int
     return context, tokenizer.encode(continuation, add_special_tokens=False)  # the merge crossed the boundary
 
 
+CACHE_CELLS = 8192  # slots x columns of one scoring batch's KV cache: ~0.4 GB for SmolLM2 at fp32
+
+
 @torch.inference_mode()
 def score_options(model: Transformer, prompt: list[int], options: list[list[int]], cache: KVCache | None = None
                   ) -> list[float]:
-    """Summed log p(option tokens | prompt) for each option. The prompt runs through the model once, into slot 0 of
-    a KV cache; its keys/values are copied to one slot per option and all options run as one batch over them
-    (right-padded: a pad only ever sits after a row's real tokens, where no real token attends to it)."""
+    """Summed log p(option tokens | prompt) for each option of one row (see score_rows)."""
+    return score_rows(model, [(prompt, options)], cache)[0]
+
+
+@torch.inference_mode()
+def score_rows(model: Transformer, rows: list[tuple[list[int], list[list[int]]]], cache: KVCache | None = None
+               ) -> list[list[float]]:
+    """Summed log p(option tokens | prompt) for each option of each row, in two forwards for all the rows: the
+    prompts (right-padded, each once, into its row's first cache slot), then every option of every row over its
+    row's prompt keys/values (copied to one slot per option). A pad only ever sits after a row's real tokens, at
+    cache columns its real tokens never attend to (or overwrite first)."""
     if model.cfg.family != "decoder":
         raise LmforgeError("choice scoring needs a decoder-only model")
-    if not prompt or not options or not all(options):
+    if not rows or not all(prompt and options and all(options) for prompt, options in rows):
         raise LmforgeError("choice scoring needs a prompt and non-empty options")
-    n, P, L = len(options), len(prompt), max(len(o) for o in options)
-    if P + L - 1 > model.cfg.max_seq_len:
+    P = max(len(prompt) for prompt, _ in rows)
+    L = max(len(o) for _, options in rows for o in options)
+    if P + L - 1 > model.cfg.max_seq_len:  # the padded shapes too: their positions must exist
         raise LmforgeError(f"prompt ({P} tokens) and option ({L}) do not fit the context of {model.cfg.max_seq_len}")
-    if cache is None or cache.slots < n or cache.max_len < P + L:
-        cache = model.new_cache(n, P + L)
+    first_slot = list(itertools.accumulate([len(options) for _, options in rows], initial=0))  # row i: slots from
+    slots = first_slot[-1]
+    if cache is None or cache.slots < slots or cache.max_len < P + L:
+        cache = model.new_cache(slots, P + L)
     device = model.tok_emb.weight.device
-    positions = torch.arange(P, device=device)[None]
-    last = model(torch.tensor([prompt], device=device), positions, cache.step(0, positions, kv_len=P, start=0),
-                 read_at=P - 1)  # (1, V): the distribution of every option's first token
-    first = F.log_softmax(last[0].float(), -1)
-    scores = first[torch.tensor([o[0] for o in options], device=device)]
+    lengths = torch.tensor([len(prompt) for prompt, _ in rows], device=device)
+    tokens = torch.tensor([prompt + [0] * (P - len(prompt)) for prompt, _ in rows], device=device)  # (B, P)
+    positions = torch.arange(P, device=device)[None].expand(len(rows), -1)
+    view = cache.gather(first_slot[:-1], positions, kv_len=P)
+    last = model(tokens, positions, view, read_at=lengths - 1)  # (B, V): each option's first-token distribution
+    first = F.log_softmax(last.float(), -1)
+    scores = [first[i, torch.tensor([o[0] for o in options], device=device)] for i, (_, options) in enumerate(rows)]
     if L > 1:
-        cache.k[:, 1:n, :, :P] = cache.k[:, :1, :, :P]
-        cache.v[:, 1:n, :, :P] = cache.v[:, :1, :, :P]
-        tokens = torch.tensor([o[:-1] + [0] * (L - len(o)) for o in options], device=device)  # (n, L-1)
-        targets = torch.tensor([o[1:] + [0] * (L - len(o)) for o in options], device=device)
-        real = torch.tensor([[j < len(o) - 1 for j in range(L - 1)] for o in options], device=device)
-        positions = torch.arange(P, P + L - 1, device=device)[None].expand(n, -1)
-        logits = model(tokens, positions, cache.step(0, positions, kv_len=P + L - 1, start=P))  # (n, L-1, V)
-        logp = F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-        scores = scores + (logp * real).sum(1)
-    return scores.tolist()
+        option_rows = [(i, o) for i, (_, options) in enumerate(rows) for o in options]
+        for i, (prompt, options) in enumerate(rows):  # each option slot starts from its row's prompt
+            s, n = first_slot[i], len(options)
+            cache.k[:, s + 1 : s + n, :, : len(prompt)] = cache.k[:, s : s + 1, :, : len(prompt)]
+            cache.v[:, s + 1 : s + n, :, : len(prompt)] = cache.v[:, s : s + 1, :, : len(prompt)]
+        inputs = torch.tensor([o[:-1] + [0] * (L - len(o)) for _, o in option_rows], device=device)  # (N, L-1)
+        targets = torch.tensor([o[1:] + [0] * (L - len(o)) for _, o in option_rows], device=device)
+        real = torch.tensor([[j < len(o) - 1 for j in range(L - 1)] for _, o in option_rows], device=device)
+        starts = lengths[torch.tensor([i for i, _ in option_rows], device=device)]
+        positions = starts[:, None] + torch.arange(L - 1, device=device)[None]  # (N, L-1)
+        view = cache.gather(list(range(slots)), positions, kv_len=P + L - 1)
+        logits = model(inputs, positions, view)  # (N, L-1, V)
+        rest = (F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0] * real).sum(1)  # (N,)
+        scores = [score + rest[first_slot[i] : first_slot[i + 1]] for i, score in enumerate(scores)]
+    return [score.tolist() for score in scores]
 
 
 def _fit(prompt: list[int], options: list[list[int]], context: int, where: str) -> list[int]:
@@ -543,12 +565,21 @@ def _encode_choice(ex: Example, tokenizer: Tokenizer, context: int) -> tuple[lis
 
 def _choice_records(examples: list[Example], model: Transformer, tokenizer: Tokenizer) -> Iterator[dict[str, Any]]:
     encoded = [_encode_choice(ex, tokenizer, model.cfg.max_seq_len) for ex in examples]  # all bad rows before work
-    # one cache for the run, as big as its largest row needs: the model's whole context could be gigabytes
-    slots = max(len(options) for _, options in encoded)
-    cache = model.new_cache(slots, max(len(p) + max(map(len, options)) for p, options in encoded))
-    for ex, (prompt, options) in zip(examples, encoded, strict=True):
-        yield {"prompt": ex.prompt, "options": ex.options, "target": ex.target,
-               "loglik": score_options(model, prompt, options, cache), "tokens": [len(o) for o in options]}
+    # rows go through the model together while their cache (options x (prompt + option) columns) stays small
+    group: list[int] = []
+    for i in range(len(encoded)):
+        group.append(i)
+        upcoming = encoded[i + 1] if i + 1 < len(encoded) else None
+        if upcoming is not None:
+            wider = [encoded[j] for j in group] + [upcoming]
+            P, L = max(len(p) for p, _ in wider), max(len(x) for _, o in wider for x in o)
+            if sum(len(o) for _, o in wider) * (P + L) <= CACHE_CELLS and P + L - 1 <= model.cfg.max_seq_len:
+                continue
+        for j, scores in zip(group, score_rows(model, [encoded[j] for j in group]), strict=True):
+            ex, options = examples[j], encoded[j][1]
+            yield {"prompt": ex.prompt, "options": ex.options, "target": ex.target, "loglik": scores,
+                   "tokens": [len(o) for o in options]}
+        group = []
 
 
 def evaluate_examples(
