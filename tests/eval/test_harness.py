@@ -101,6 +101,8 @@ def test_rows_scored_together_equal_transformers(tiny):
         rows.append((harness._fit(pairs[0][0], ids, model.cfg.max_seq_len, "row"), ids))
     together = [(p, o) for p, o in rows if len(p) + max(map(len, o)) <= 40]  # padded shapes within the context
     assert len(together) >= 3 and len({len(p) for p, _ in together}) > 1  # prompts of different lengths
+    prompt, ids = together[0]
+    together += [(prompt, ids), (prompt, [[ord("x")], ids[0]])]  # a prompt seen again; a one-token option
     for (prompt, ids), ours in zip(together, harness.score_rows(model, together), strict=True):
         np.testing.assert_allclose(ours, [hf_loglik(hf, prompt, o) for o in ids], atol=1e-4, rtol=0)
 

@@ -27,7 +27,6 @@ after the prompt's own tokens.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
@@ -370,10 +369,10 @@ def score_options(model: Transformer, prompt: list[int], options: list[list[int]
 @torch.inference_mode()
 def score_rows(model: Transformer, rows: list[tuple[list[int], list[list[int]]]], cache: KVCache | None = None
                ) -> list[list[float]]:
-    """Summed log p(option tokens | prompt) for each option of each row, in two forwards for all the rows: the
-    prompts (right-padded, each once, into its row's first cache slot), then every option of every row over its
-    row's prompt keys/values (copied to one slot per option). A pad only ever sits after a row's real tokens, at
-    cache columns its real tokens never attend to (or overwrite first)."""
+    """Summed log p(option tokens | prompt) for each option of each row, in two forwards for all the rows: each
+    distinct prompt once (right-padded, one cache slot each), which also gives every option's first token; then
+    the later tokens of every multi-token option over its prompt's keys/values (copied to a slot per option). A
+    pad only ever sits after real tokens, at cache columns no real token attends to (or overwrites first)."""
     if model.cfg.family != "decoder":
         raise LmforgeError("choice scoring needs a decoder-only model")
     if not rows or not all(prompt and options and all(options) for prompt, options in rows):
@@ -382,34 +381,36 @@ def score_rows(model: Transformer, rows: list[tuple[list[int], list[list[int]]]]
     L = max(len(o) for _, options in rows for o in options)
     if P + L - 1 > model.cfg.max_seq_len:  # the padded shapes too: their positions must exist
         raise LmforgeError(f"prompt ({P} tokens) and option ({L}) do not fit the context of {model.cfg.max_seq_len}")
-    first_slot = list(itertools.accumulate([len(options) for _, options in rows], initial=0))  # row i: slots from
-    slots = first_slot[-1]
+    prompts = list(dict.fromkeys(tuple(prompt) for prompt, _ in rows))  # rows that share a prompt share its pass
+    slot_of = {prompt: slot for slot, prompt in enumerate(prompts)}
+    later = [(i, j) for i, (_, options) in enumerate(rows) for j, o in enumerate(options) if len(o) > 1]
+    slots = len(prompts) + len(later)
     if cache is None or cache.slots < slots or cache.max_len < P + L:
         cache = model.new_cache(slots, P + L)
     device = model.tok_emb.weight.device
-    lengths = torch.tensor([len(prompt) for prompt, _ in rows], device=device)
-    tokens = torch.tensor([prompt + [0] * (P - len(prompt)) for prompt, _ in rows], device=device)  # (B, P)
-    positions = torch.arange(P, device=device)[None].expand(len(rows), -1)
-    view = cache.gather(first_slot[:-1], positions, kv_len=P)
-    last = model(tokens, positions, view, read_at=lengths - 1)  # (B, V): each option's first-token distribution
-    first = F.log_softmax(last.float(), -1)
-    scores = [first[i, torch.tensor([o[0] for o in options], device=device)] for i, (_, options) in enumerate(rows)]
-    if L > 1:
-        option_rows = [(i, o) for i, (_, options) in enumerate(rows) for o in options]
-        for i, (prompt, options) in enumerate(rows):  # each option slot starts from its row's prompt
-            s, n = first_slot[i], len(options)
-            cache.k[:, s + 1 : s + n, :, : len(prompt)] = cache.k[:, s : s + 1, :, : len(prompt)]
-            cache.v[:, s + 1 : s + n, :, : len(prompt)] = cache.v[:, s : s + 1, :, : len(prompt)]
-        inputs = torch.tensor([o[:-1] + [0] * (L - len(o)) for _, o in option_rows], device=device)  # (N, L-1)
-        targets = torch.tensor([o[1:] + [0] * (L - len(o)) for _, o in option_rows], device=device)
-        real = torch.tensor([[j < len(o) - 1 for j in range(L - 1)] for _, o in option_rows], device=device)
-        starts = lengths[torch.tensor([i for i, _ in option_rows], device=device)]
-        positions = starts[:, None] + torch.arange(L - 1, device=device)[None]  # (N, L-1)
-        view = cache.gather(list(range(slots)), positions, kv_len=P + L - 1)
-        logits = model(inputs, positions, view)  # (N, L-1, V)
+    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    tokens = torch.tensor([list(prompt) + [0] * (P - len(prompt)) for prompt in prompts], device=device)  # (U, P)
+    positions = torch.arange(P, device=device)[None].expand(len(prompts), -1)
+    view = cache.gather(list(range(len(prompts))), positions, kv_len=P)
+    first = F.log_softmax(model(tokens, positions, view, read_at=lengths - 1).float(), -1)  # (U, V)
+    scores = [[float(first[slot_of[tuple(prompt)], o[0]]) for o in options] for prompt, options in rows]
+    if later:
+        source = torch.tensor([slot_of[tuple(rows[i][0])] for i, _ in later], device=device)
+        own = slice(len(prompts), slots)  # each multi-token option's slot starts from its prompt's keys/values
+        cache.k[:, own, :, :P] = cache.k[:, source, :, :P]
+        cache.v[:, own, :, :P] = cache.v[:, source, :, :P]
+        options = [rows[i][1][j] for i, j in later]
+        M = max(map(len, options))
+        inputs = torch.tensor([o[:-1] + [0] * (M - len(o)) for o in options], device=device)  # (N, M-1)
+        targets = torch.tensor([o[1:] + [0] * (M - len(o)) for o in options], device=device)
+        real = torch.tensor([[t < len(o) - 1 for t in range(M - 1)] for o in options], device=device)
+        positions = lengths[source][:, None] + torch.arange(M - 1, device=device)[None]  # (N, M-1)
+        view = cache.gather(list(range(len(prompts), slots)), positions, kv_len=P + M - 1)
+        logits = model(inputs, positions, view)  # (N, M-1, V)
         rest = (F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0] * real).sum(1)  # (N,)
-        scores = [score + rest[first_slot[i] : first_slot[i + 1]] for i, score in enumerate(scores)]
-    return [score.tolist() for score in scores]
+        for (i, j), extra in zip(later, rest.tolist(), strict=True):
+            scores[i][j] += extra
+    return scores
 
 
 def _fit(prompt: list[int], options: list[list[int]], context: int, where: str) -> list[int]:
@@ -573,7 +574,8 @@ def _choice_records(examples: list[Example], model: Transformer, tokenizer: Toke
         if upcoming is not None:
             wider = [encoded[j] for j in group] + [upcoming]
             P, L = max(len(p) for p, _ in wider), max(len(x) for _, o in wider for x in o)
-            if sum(len(o) for _, o in wider) * (P + L) <= CACHE_CELLS and P + L - 1 <= model.cfg.max_seq_len:
+            slots = len({tuple(p) for p, _ in wider}) + sum(len(x) > 1 for _, o in wider for x in o)  # as score_rows
+            if slots * (P + L) <= CACHE_CELLS and P + L - 1 <= model.cfg.max_seq_len:
                 continue
         for j, scores in zip(group, score_rows(model, [encoded[j] for j in group]), strict=True):
             ex, options = examples[j], encoded[j][1]
