@@ -257,7 +257,7 @@ def print_table(header: dict[str, Any], results: list[Result], notes: list[str],
         if r.skipped:
             table.add_row(r.engine, r.dtype, "", "skipped", "(see below)", "", "", "", "")
             continue
-        table.add_row(r.engine, r.dtype, str(r.batch_size) if r.batch_size else "1 row", f"{r.items_s:,.1f}",
+        table.add_row(r.engine, r.dtype, str(r.batch_size) if r.batch_size else "all rows", f"{r.items_s:,.1f}",
                       f"{statistics.median(r.seconds):.2f}", f"{r.acc:.3f}",
                       f"{r.same_picks:.1%}" if r.same_picks is not None else "",
                       f"{r.ratio:.2f}x" if r.ratio is not None else "", f"{r.load_s:.2f}")
