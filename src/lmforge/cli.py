@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command needs it, so --help stays quick
+    from lmforge.client import Client
     from lmforge.generate import SamplingParams
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer import Tokenizer
@@ -66,7 +67,7 @@ def _add_remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"), help="the remote server's key")
 
 
-def _remote(args: argparse.Namespace):  # noqa: ANN202 (lmforge.client.Client, imported late)
+def _remote(args: argparse.Namespace) -> Client:
     from lmforge.client import Client
     from lmforge.weights.registry import DEFAULT_CHAT_MODEL
 
