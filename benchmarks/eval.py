@@ -37,14 +37,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
-import re  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -53,6 +50,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from host import load_average, machine
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -236,15 +234,6 @@ def picks(loglik: list[list[float]]) -> list[int]:
 # ---- report ---------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-        if found:
-            return f"{found.group(1).strip()}, {os.cpu_count()} logical CPUs"
-    return f"unknown CPU, {os.cpu_count()} logical CPUs"
-
-
 def print_table(header: dict[str, Any], results: list[Result], notes: list[str], console: Console) -> None:
     for key, value in header.items():
         console.print(f"[bold]{key}:[/bold] {escape(str(value))}")
@@ -344,7 +333,7 @@ def main() -> int:
     header = {
         "machine": machine(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load average": load_average(),
         "torch threads": torch.get_num_threads(),
         "versions": f"torch {torch.__version__}, lm-eval {version or 'not installed'}"
                     + (f", transformers {__import__('transformers').__version__}" if version else ""),

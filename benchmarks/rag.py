@@ -39,11 +39,7 @@ import contextlib
 import datetime
 import hashlib
 import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,6 +48,7 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
+from host import load_average, machine
 from rich.console import Console
 from rich.table import Table
 
@@ -430,15 +427,6 @@ def measure(store: SQLiteStore, c: Corpus, qv: np.ndarray, qt: list[str], origin
 # ---- report ---------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-        if found:
-            return f"{found.group(1).strip()}, {os.cpu_count()} logical CPUs"
-    return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical CPUs"
-
-
 def versions() -> str:
     import apsw
     import sqlite_vec
@@ -510,7 +498,7 @@ def main() -> int:
     header = {
         "machine": machine(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load average": load_average(),
         "versions": versions(),
         "settings": {"n": args.n, "dim": args.dim, "queries": args.queries, "clusters": args.clusters,
                      "vocab": args.vocab, "per_file": args.per_file, "files": len(c.files), "seed": args.seed},

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 
 import httpx
 import llamacpp  # benchmarks/llamacpp.py, importable as this script's own folder is on sys.path
+from host import load_average, machine
 from rich.console import Console
 from rich.table import Table
 
@@ -241,15 +241,6 @@ def peer_server(gguf: Path, max_tokens: int, threads: int) -> contextlib.Abstrac
 # ---- report ---------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-        if found:
-            return f"{found.group(1).strip()}, {os.cpu_count()} logical CPUs"
-    return f"unknown CPU, {os.cpu_count()} logical CPUs"
-
-
 def llamacpp_commit() -> str | None:
     text = llamacpp.version("llama-server")
     if text is None:
@@ -312,7 +303,7 @@ def main() -> int:
     console = Console(width=140, stderr=args.format == "json")
     commit = llamacpp_commit()
     header = {
-        "machine": machine(), "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": machine(), "load average": load_average(),
         "file": f"{gguf} ({gguf.stat().st_size / 1e6:,.1f} MB)" if gguf.is_file() else model,
         "llama.cpp": f"commit {commit} ({llamacpp.find_binary('llama-server')})" if commit else "not built",
         "threads": threads, "slots": SLOTS, "dtype": args.dtype, "max_tokens": args.max_tokens, "clients": clients,
