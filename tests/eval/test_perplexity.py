@@ -59,3 +59,17 @@ def test_bad_inputs():
         perplexity(m, [1])
     with pytest.raises(LmforgeError, match="stride"):
         perplexity(m, [1, 2, 3], window=4, stride=9)
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_equals_transformers(smollm, hf_smollm):
+    """The real weights, fp32: our perplexity of a fixed text = transformers' (labels = the inputs, shifted)."""
+    model, tokenizer = smollm
+    text = ("The quick brown fox jumps over the lazy dog. Language models assign a probability to every next token, "
+            "and perplexity is the exponential of their average negative log-likelihood on a text.")
+    ids = tokenizer.encode(text)
+    with torch.inference_mode():
+        loss = hf_smollm(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    got = perplexity(model, ids)
+    assert got.tokens == len(ids) - 1
+    assert got.perplexity == pytest.approx(math.exp(loss), rel=1e-4)
