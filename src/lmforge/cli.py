@@ -355,10 +355,11 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from lmforge.rag.cli import add_rag_commands
     from lmforge.serve.cli import add_serve_command
     from lmforge.text.cli import add_text_commands
+    from lmforge.train.align_cli import add_align_commands
     from lmforge.train.cli import add_train_commands
 
-    return [add_embed_command, add_text_commands, add_data_commands, add_train_commands, add_serve_command,
-            add_rag_commands, add_eval_commands, add_prompt_command, add_explain_command]
+    return [add_embed_command, add_text_commands, add_data_commands, add_train_commands, add_align_commands,
+            add_serve_command, add_rag_commands, add_eval_commands, add_prompt_command, add_explain_command]
 
 
 def _one_line(message: str) -> str:

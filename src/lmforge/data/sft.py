@@ -579,13 +579,23 @@ class SFTData:
             raise LmforgeError("no training rows")
         if batch_size < 1:
             raise LmforgeError(f"batch size must be at least 1, not {batch_size}")
-        self.kind = _one_kind([*train_examples, *val_examples])
+        self.kind = self.check_rows([*train_examples, *val_examples])
         self.train, self.val = list(train_examples), list(val_examples)
         self.batch_size, self.seed, self.pad_id, self.group_batches = batch_size, seed, pad_id, group_batches
-        self.lengths = [e.length for e in self.train]
+        self.lengths = [self.row_length(e) for e in self.train]
         self.tokens_per_row = max(1, round(sum(self.lengths) / len(self.lengths)))
         self._orders: dict[int, list[int]] = {}
         self._val: list[Batch] | None = None
+
+    # the three things that depend on what a row is (data/preferences.py's pairs override them)
+    def check_rows(self, rows: Sequence[Any]) -> str:
+        return _one_kind(rows)
+
+    def row_length(self, row: Any) -> int:
+        return row.length
+
+    def collate(self, rows: Sequence[Any]) -> Batch:
+        return collate(rows, self.pad_id)
 
     @property
     def steps_per_epoch(self) -> float:
@@ -620,13 +630,13 @@ class SFTData:
         return [self.epoch_order(g // n)[g % n] for g in range(step * self.batch_size, (step + 1) * self.batch_size)]
 
     def global_batch(self, step: int) -> Batch:
-        return collate([self.train[i] for i in self.rows(step)], self.pad_id)
+        return self.collate([self.train[i] for i in self.rows(step)])
 
     def val_batches(self) -> list[Batch]:
         """The validation rows in their order, batch_size at a time (the last batch may be smaller)."""
         if self._val is None:
             B = self.batch_size
-            self._val = [collate(self.val[i: i + B], self.pad_id) for i in range(0, len(self.val), B)]
+            self._val = [self.collate(self.val[i: i + B]) for i in range(0, len(self.val), B)]
         return self._val
 
 

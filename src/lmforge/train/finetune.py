@@ -222,25 +222,33 @@ def _prepare_model(model: nn.Module, opts: FinetuneOptions, labels: list[str] | 
 
 def _save_result(model: nn.Module, tok: Tokenizer, opts: FinetuneOptions, labels: list[str] | None,
                  d: distributed.Dist, result: dict[str, Any]) -> None:
-    out = Path(opts.out)
+    result.update(save_trained(model, tok, Path(opts.out), opts.method, opts.model, opts.merge, d))
+    if d.rank == 0:
+        write_json(Path(opts.out) / "result.json", result)
+
+
+def save_trained(model: nn.Module, tok: Tokenizer, out: Path, method: str, base: str, merge: bool,
+                 d: distributed.Dist) -> dict[str, str]:
+    """The trained model as fine-tuning leaves it: full -> OUT is an HF folder; LoRA -> OUT/adapter (PEFT) and,
+    with `merge`, OUT/merged (the base with the adapters folded in). Returns the folders written."""
     model.eval()
-    if opts.method == "full":
+    written = {}
+    if method == "full":
         state = full_model_state(model, d)
         if d.rank == 0:
             export_into(out, model.cfg, state, tok)
-            result["model_dir"] = str(out)
+            written["model_dir"] = str(out)
     elif d.rank == 0:
         from lmforge.train.lora import merge_lora, save_adapter
 
-        save_adapter(model, out / "adapter", opts.model)
+        save_adapter(model, out / "adapter", base)
         tok.save(out / "adapter")
-        result["adapter_dir"] = str(out / "adapter")
-        if opts.merge:
+        written["adapter_dir"] = str(out / "adapter")
+        if merge:
             merge_lora(model)
             export_into(out / "merged", model.cfg, {k: v.detach().cpu() for k, v in model.state_dict().items()}, tok)
-            result["model_dir"] = str(out / "merged")
-    if d.rank == 0:
-        write_json(out / "result.json", result)
+            written["model_dir"] = str(out / "merged")
+    return written
 
 
 def format_result(result: dict[str, Any]) -> str:

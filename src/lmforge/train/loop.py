@@ -309,6 +309,7 @@ def train(
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             record = _one_step(net, opt, data, loss, cfg, d, dtype, step)
+            record.update(loss_metrics(loss))
             record["seconds"] = time.perf_counter() - t0
             record["tokens_per_s"] = cfg.batch_size * data.tokens_per_row / record["seconds"]
             finished = step + 1
@@ -316,6 +317,7 @@ def train(
             if cfg.eval_every >= 0 and (at_end or (cfg.eval_every and finished % cfg.eval_every == 0)):
                 record["val_loss"] = evaluate(net, data, loss, cfg, d, dtype)
                 record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+                record.update(loss_metrics(loss, "val_"))
                 if on_eval is not None and d.rank == 0:
                     record.update(on_eval(model, finished))
             log.write(record)
@@ -327,6 +329,13 @@ def train(
             if stop.requested:
                 raise KeyboardInterrupt
     return record
+
+
+def loss_metrics(loss: LossFn, prefix: str = "") -> dict[str, Any]:
+    """What a loss object saw since it was last asked (its `take_metrics()`: DPO's reward accuracy, PPO's clip
+    fraction ...), logged with the step; a plain loss function has none."""
+    take = getattr(loss, "take_metrics", None)
+    return {prefix + k: v for k, v in take().items()} if take is not None else {}
 
 
 class _StopAtStepEnd:

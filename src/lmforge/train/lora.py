@@ -14,11 +14,13 @@ rows alone. Which rows each part owns comes from weights/names.py (the rules and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.enabled = True  # off: the base alone (adapters_off: a LoRA model is its own reference model)
         self.rows = dict(sorted(parts.items(), key=lambda item: item[1]))  # in row order: the forward concatenates
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         w = getattr(base, "weight", None)
@@ -114,6 +117,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # (..., out)
+        if not self.enabled:
+            return y
         pieces, at = [], 0
         for part, (start, stop) in self.rows.items():
             if start > at:  # rows of an untargeted part (k of q|k|v): no update
@@ -338,6 +343,20 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
         model.get_submodule(ours).requires_grad_(True)
     model.lora_config = cfg
     return lora_report(model)
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The model as it was before its adapters (the frozen base): DPO's and PPO's reference model without a
+    second copy of the weights. A model without adapters is unchanged."""
+    found = list(loras(model).values())
+    for lora in found:
+        lora.enabled = False
+    try:
+        yield
+    finally:
+        for lora in found:
+            lora.enabled = True
 
 
 def lora_report(model: nn.Module) -> LoRAReport:
