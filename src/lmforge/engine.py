@@ -48,6 +48,7 @@ class StepOutput:
     top: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob) alternatives
     finish_reason: FinishReason | None = None
     usage: Usage | None = None  # on the request's last output
+    eos: int | None = None  # the end-of-sequence id that ended the request (finish_reason "eos")
 
 
 @dataclass
@@ -308,7 +309,7 @@ class Engine:
         token = int(sample(logits[None], history, p, r.generator)[0])
         logprob, top = token_logprobs(logits, token, p.logprobs) if p.logprobs is not None else (None, [])
         if token in self.eos and not p.ignore_eos:
-            return StepOutput(r.id, None, self._tail(r), logprob, top, "eos", self._finish(r))
+            return StepOutput(r.id, None, self._tail(r), logprob, top, "eos", self._finish(r), eos=token)
         r.generated.append(token)
         r.pending = token
         text = r.text.push(token) if r.text is not None else ""

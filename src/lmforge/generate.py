@@ -28,6 +28,7 @@ class Completion:
     finish_reason: FinishReason
     usage: Usage
     tokens: list[StepOutput] = field(default_factory=list)  # each generated token, with logprobs if asked
+    eos: int | None = None  # the end-of-sequence id the model chose to stop with (finish_reason "eos")
 
 
 def encode_prompt(
@@ -93,7 +94,7 @@ def complete(
             if out.finish_reason is not None:
                 assert out.usage is not None
                 rid = out.request_id
-                done[rid] = Completion("".join(texts[rid]), out.finish_reason, out.usage, tokens[rid])
+                done[rid] = Completion("".join(texts[rid]), out.finish_reason, out.usage, tokens[rid], out.eos)
     return [done[i] for i in order]
 
 

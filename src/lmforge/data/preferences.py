@@ -54,6 +54,11 @@ class RatingRow:
 class PromptRow:
     line: int
     messages: Messages
+    source: str = ""  # the file it came from, for messages that name the row
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} line {self.line}" if self.source else f"line {self.line}"
 
     @property
     def prompt(self) -> str:
@@ -138,7 +143,7 @@ def read_ratings(path: str | Path) -> list[RatingRow]:
 
 def read_prompts(path: str | Path) -> list[PromptRow]:
     path = Path(path)
-    rows = [PromptRow(n, conversation(row, f"{path} line {n}")) for n, row in read_jsonl(path)]
+    rows = [PromptRow(n, conversation(row, f"{path} line {n}"), str(path)) for n, row in read_jsonl(path)]
     if not rows:
         raise LmforgeError(f"{path}: no rows (the file is empty)")
     return rows

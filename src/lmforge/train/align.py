@@ -350,7 +350,7 @@ def sample_answers(model_name: str, prompts: str | Path, n: int, out: str | Path
         raise LmforgeError(f"--n must be at least 1, not {n}")
     rows = read_prompts(prompts)
     model, tok = load(model_name, "float32", device)
-    ids = [_prompt_ids(tok, r.messages, f"{prompts} line {r.line}") for r in rows]
+    ids = [_prompt_ids(tok, r.messages, r.where) for r in rows]
     jobs = [(i, k) for i in range(len(rows)) for k in range(n)]
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0 if k == 0 else temperature,
                              top_p=top_p, seed=seed * 1_000_003 + i * 1009 + k) for i, k in jobs]
