@@ -225,7 +225,7 @@ def add_align_commands(subparsers: Any) -> None:
     p.add_argument("--vf-coef", type=_rate, default=0.1, help="value loss weight")
     p.add_argument("--merge", action="store_true", help="also write OUT/merged (an HF folder)")
     _lora_args(p)
-    add_train_args(p, lr=1e-5)
+    add_train_args(p, lr=5e-5)
     p.set_defaults(func=cmd_ppo, eval_every=-1, save_every=1, batch_size=8)
 
     p = subparsers.add_parser("feedback", help="feedback tools (export ratings as preference pairs)")

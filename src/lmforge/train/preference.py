@@ -34,6 +34,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP holds the model in .module
 
 
+def side(batch: Batch, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """One side's tokens, answer flags and attention (B, T), cut to its own longest row: a short chosen answer
+    is not padded to a long rejected one (on pairs like "Paris." vs a paragraph, that padding was a third of the
+    work)."""
+    mask = batch[f"{name}_mask"]
+    width = int(mask.sum(1).max())
+    return batch[f"{name}_tokens"][:, :width], batch[f"{name}_answer"][:, :width], mask[:, :width]
+
+
 def both_sides(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     """The chosen rows then the rejected rows, padded to one width: tokens, answer flags, attention (2B, T)."""
     width = max(batch[f"{side}_tokens"].shape[1] for side in SIDES)
@@ -112,15 +121,14 @@ class DPOObjective:
 
     def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
         B = batch["labels"].shape[0]
-        logps, counts = answer_logps(model, *both_sides(batch))
-        pi_c, pi_r = logps[:B], logps[B:]
-        ref_c, ref_r = batch["ref_chosen"].to(logps.dtype), batch["ref_rejected"].to(logps.dtype)
+        (pi_c, n_c), (pi_r, n_r) = (answer_logps(model, *side(batch, name)) for name in SIDES)
+        ref_c, ref_r = batch["ref_chosen"].to(pi_c.dtype), batch["ref_rejected"].to(pi_c.dtype)
+        n_c, n_r = n_c.clamp(min=1), n_r.clamp(min=1)
         if self.kind == "ipo":  # IPO compares per-token means: long answers do not dominate the margin
-            n_c, n_r = counts[:B].clamp(min=1), counts[B:].clamp(min=1)
             loss = dpo_loss(pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r, self.beta, "ipo")
         else:
             loss = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta, self.kind, self.label_smoothing)
-        nll = -pi_c / counts[:B].clamp(min=1)
+        nll = -pi_c / n_c
         if self.kind == "rpo":
             loss = loss + self.rpo_alpha * nll
         chosen, rejected = self.beta * (pi_c - ref_c), self.beta * (pi_r - ref_r)
@@ -140,9 +148,8 @@ def reference_logps(model: nn.Module, batches: list[Batch]) -> list[tuple[Tensor
     model.eval()
     out = []
     for batch in batches:
-        B = batch["labels"].shape[0]
-        logps, _ = answer_logps(model, *both_sides(batch))
-        out.append((logps[:B].double().cpu(), logps[B:].double().cpu()))
+        chosen, rejected = (answer_logps(model, *side(batch, name))[0].double().cpu() for name in SIDES)
+        out.append((chosen, rejected))
     model.train(was)
     return out
 
@@ -170,9 +177,7 @@ class RewardObjective:
 
     def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
         B = batch["labels"].shape[0]
-        tokens, _, mask = both_sides(batch)
-        scores = reward_scores(model, tokens, mask)
-        chosen, rejected = scores[:B], scores[B:]
+        chosen, rejected = (reward_scores(model, tokens, mask) for tokens, _, mask in (side(batch, n) for n in SIDES))
         self.tally.add(B, accuracy=(chosen > rejected).double(), margin=chosen - rejected)
         return bradley_terry_loss(chosen, rejected).sum()
 
