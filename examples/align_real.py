@@ -425,19 +425,67 @@ def base_answers(model=None, tok=None) -> dict[str, str]:
     return {r["prompt"]: t for r, (t, _) in zip(rows, texts, strict=True)}
 
 
+CHOSEN = "sampled"  # set by --chosen
+
+
+def chosen_answer(r: dict, base: str, sampled: dict[str, str]) -> str | None:
+    """The chosen side of a question's pair, or None for no pair.
+    sampled (the default): the shortest first sentence holding the key fact among the model's own answers (greedy
+    and 3 sampled, `lmforge align sample`): on-policy, the model keeps its own way of saying it ("The capital of
+    Greece is Athens.") and learns to stop there; no pair when no answer of its holds the fact, or when the
+    greedy answer is that sentence already.
+    own: the greedy answer's first sentence when it holds the key, else the reference short answer.
+    answer: always the reference short answer ("Athens.")."""
+    first = first_sentence(base)
+    if CHOSEN == "sampled":
+        best = sampled.get(r["prompt"])
+        return best if best is not None and best.strip() != base.strip() else None
+    if CHOSEN == "own" and has_key(first, r["key"]):
+        return first if len(first.split()) < len(base.split()) else None
+    return r["answer"] if base.strip() != r["answer"] else None
+
+
+def sampled_sentences(train: list[dict]) -> dict[str, str]:
+    """Question -> the shortest correct first sentence among the model's own answers (sampled once, cached)."""
+    prompts = write_jsonl(ROOT / "train_prompts.jsonl", [{"prompt": r["prompt"]} for r in train])
+    path = ROOT / "samples.jsonl"
+    if not path.exists():
+        lmforge(["align", "sample", "--model", MODEL, "--prompts", str(prompts), "--n", "4", "--out", str(path),
+                 "--max-new-tokens", "48", "--temperature", "0.8"])
+    keys = {r["prompt"]: r["key"] for r in train}
+    best: dict[str, str] = {}
+    for row in read_jsonl(path):
+        first = first_sentence(row["response"])
+        if row["prompt"] in keys and has_key(first, keys[row["prompt"]]):
+            if row["prompt"] not in best or len(first.split()) < len(best[row["prompt"]].split()):
+                best[row["prompt"]] = first
+    return best
+
+
 def build_pairs() -> tuple[Path, Path]:
-    """runs/align/pairs.jsonl (train questions: short answer chosen, base answer rejected), the same for the
-    held-out questions (pairs_heldout.jsonl, never trained on) and ppo_prompts.jsonl (train questions)."""
+    """runs/align/pairs.jsonl (train questions: a short correct answer chosen (see chosen_answer), the base
+    model's own answer rejected), the same for the held-out questions (pairs_heldout.jsonl, never trained on) and
+    ppo_prompts.jsonl (train questions)."""
     rows = questions()
     have = base_answers()
     train, held = split(rows)
 
-    def pairs(rs: list[dict]) -> list[dict]:
-        return [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": have[r["prompt"]]} for r in rs
-                if have[r["prompt"]].strip() != r["answer"]]
+    sampled = sampled_sentences(train) if CHOSEN == "sampled" else {}
+
+    def pairs(rs: list[dict], reference: bool = False) -> list[dict]:
+        out = []
+        for r in rs:
+            base = have[r["prompt"]]
+            if reference:  # held out, never sampled: the reference short answer is the chosen side
+                chosen = r["answer"] if base.strip() != r["answer"] else None
+            else:
+                chosen = chosen_answer(r, base, sampled)
+            if chosen is not None:
+                out.append({"prompt": r["prompt"], "chosen": chosen, "rejected": base})
+        return out
 
     data = write_jsonl(ROOT / "pairs.jsonl", pairs(train))
-    write_jsonl(ROOT / "pairs_heldout.jsonl", pairs(held))
+    write_jsonl(ROOT / "pairs_heldout.jsonl", pairs(held, reference=CHOSEN == "sampled"))
     prompts = write_jsonl(ROOT / "ppo_prompts.jsonl", [{"prompt": r["prompt"]} for r in train])
     return data, prompts
 
@@ -541,15 +589,15 @@ def before_after(tuned_dir: Path, minutes: float, what: str) -> None:
 
 def run_dpo(args: argparse.Namespace) -> None:
     data, _ = build_pairs()
-    out = ROOT / "dpo"
+    out = ROOT / f"dpo-{CHOSEN}"
     minutes = lmforge(["align", "dpo", "--model", MODEL, "--data", str(data), "--val-data",
                        str(ROOT / "pairs_heldout.jsonl"), "--out", str(out), "--merge", *args.extra])
-    before_after(out / "merged", minutes, "dpo")
+    before_after(out / "merged", minutes, f"dpo-{CHOSEN}")
 
 
 def run_reward(args: argparse.Namespace) -> None:
     data, _ = build_pairs()
-    out = ROOT / "rm"
+    out = ROOT / f"rm-{CHOSEN}"
     minutes = lmforge(["align", "reward", "--model", MODEL, "--data", str(data), "--val-data",
                        str(ROOT / "pairs_heldout.jsonl"), "--out", str(out), *args.extra])
     result = json.loads((out / "result.json").read_text())
@@ -570,9 +618,14 @@ def run_ppo(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chosen", choices=["sampled", "own", "answer"], default="sampled",
+                    help="the chosen side of a pair: the model's own shortest correct first sentence (sampled), the "
+                    "greedy answer's first sentence when right (own), or the reference short answer (answer)")
     ap.add_argument("task", choices=["questions", "base", "pairs", "dpo", "reward", "ppo"])
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after `--`: passed on to `lmforge align <task>`")
     args = ap.parse_args()
+    global CHOSEN
+    CHOSEN = args.chosen
     if args.extra[:1] == ["--"]:
         args.extra = args.extra[1:]
     ROOT.mkdir(parents=True, exist_ok=True)

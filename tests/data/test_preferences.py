@@ -131,6 +131,18 @@ def test_feedback_export_pairs_liked_and_disliked_answers_to_one_conversation(tm
     assert len(read_pairs(out)) == 1  # the export reads back as training pairs
 
 
+def test_answers_rated_both_ways_or_differing_in_space_only_are_not_pairs(tmp_path):
+    q = [{"role": "user", "content": "q"}]
+    rows = [{"messages": q, "response": "Paris.", "rating": 1}, {"messages": q, "response": "Paris. ", "rating": -1},
+            {"messages": q, "response": "Lyon", "rating": -1}, {"messages": q, "response": "Nice", "rating": 1},
+            {"messages": q, "response": "Lyon", "rating": 1}, {"messages": q, "response": "Rome", "rating": -1}]
+    out = tmp_path / "prefs.jsonl"
+    counts = export_feedback(write(tmp_path / "f.jsonl", rows), out)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"prompt": "q", "chosen": "Nice", "rejected": "Rome"}]
+    assert counts["pairs"] == 1 and counts["unpaired"] == 4  # "Paris." and "Lyon" went both ways
+
+
 def test_feedback_without_a_pair_and_bad_ratings(tmp_path, capsys):
     source = write(tmp_path / "f.jsonl", FEEDBACK[2:3])
     assert main(["feedback", "export", "--from", str(source), "--out", str(tmp_path / "o.jsonl")]) == 2

@@ -123,6 +123,8 @@ def test_dpo_objective_is_ln2_at_the_start_and_rpo_adds_the_chosen_nll(base, bat
         metrics = rpo.take_metrics()
     assert metrics["reward_accuracy"] == 0.0 and metrics["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert rpo.take_metrics() == {}  # taken once
+    with torch.no_grad():  # IPO at the start: (0 - 1 / (2 beta))^2 per pair
+        assert float(DPOObjective(0.1, "ipo")(model, batch)) == pytest.approx(n * 25.0, rel=1e-4)
 
 
 def test_reward_objective_on_scores(base, batch):
@@ -210,8 +212,9 @@ def test_reward_model_learns_a_separable_preference_and_scores_rows(base, tmp_pa
     scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [s["line"] for s in scored] == [1, 2] and scored[1]["score"] > scored[0]["score"]
     model, tok = load_reward_model(out)  # the library call gives the same numbers
-    values = score(model, tok, [[{"role": "user", "content": "question 77"}]] * 2, ["no, no and no", "yes"])
-    assert values == pytest.approx([s["score"] for s in scored], abs=1e-5)
+    values = score(model, tok, [[{"role": "user", "content": "question 77"}]] * 3, ["no, no and no", "yes", ""])
+    assert values[:2] == pytest.approx([s["score"] for s in scored], abs=1e-5)
+    assert math.isfinite(values[2])  # a policy that says nothing still gets a score (PPO's rollouts can)
 
 
 def test_sample_writes_greedy_then_sampled_answers(base, tmp_path):

@@ -53,7 +53,12 @@ def rewards(tmp_path, monkeypatch):
 
         def text(prompt, response):
             return "high"
+
+        def by_prompt(prompt, response):  # a different reward for every prompt, numpy's float type
+            import numpy
+            return numpy.float32(int(prompt.split()[-1]) / 10)
     """))
+    (tmp_path / "ppo_broken.py").write_text("def f(prompt, response)\n    return 0\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return "ppo_rewards"
@@ -182,6 +187,96 @@ def test_reward_functions_that_fail_are_named(function, message, base, prompts, 
                  str(prompts), "--out", "run", "--steps", "1", "--rollouts", "20", "--batch-size", "20",
                  "--val-fraction", "0", "--max-new-tokens", "2", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and message in err and err.count("\n") == 1
+    assert code == 2 and message in err and err.count("\n") == 1, err
     if function == "broken":  # the row named is one the function refuses: question 7 or 17
         assert ("prompts.jsonl line 8: " in err or "prompts.jsonl line 18: " in err) and "ValueError: no score" in err
+
+
+def test_an_interrupted_ppo_run_resumes_to_the_same_numbers(base, prompts, rewards, tmp_path):
+    def run(out, steps, resume=False):
+        opts = PPOOptions(model=str(base), reward=f"{rewards}:ascii_rate", prompts=prompts, out=out, rollouts=4,
+                          ppo_epochs=2, max_new_tokens=4, val_fraction=0, resume=resume)
+        tc = TrainConfig(steps=0, batch_size=2, lr=1e-3, min_lr=1e-3, warmup=0, save_every=1)
+        return ppo(opts, steps, tc, progress=False, quiet=True)
+
+    run(tmp_path / "straight", 3)
+    run(tmp_path / "resumed", 2)  # stopped after 2 PPO steps (8 optimizer steps), checkpointed at the boundary
+    run(tmp_path / "resumed", 3, resume=True)
+    straight, resumed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "resumed"))
+    assert len(resumed) == len(straight) == 12
+    for a, b in zip(straight, resumed, strict=True):  # the third rollout and its updates are the same
+        for key in ("loss", "reward", "kl", "grad_norm", "ppo_step"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_a_module_that_does_not_import_is_one_line(base, prompts, rewards, capsys):
+    code = main(["align", "ppo", "--model", str(base), "--reward", "ppo_broken:f", "--prompts", str(prompts), "--out",
+                 "run", "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load the reward function ppo_broken:f: SyntaxError" in err and err.count("\n") == 1
+
+
+def rollouts(model, tok, prompts, rewards, saved=None, **options):
+    from lmforge.train.ppo import load_reward
+
+    opts = PPOOptions(model="unused", reward=f"{rewards}:by_prompt", prompts=prompts, out=Path("unused"),
+                      rollouts=4, max_new_tokens=5, **options)
+    return Rollouts(model, tok, read_prompts(prompts), load_reward(opts.reward, torch.device("cpu"))[0], opts,
+                    batch_size=2, seed=0, reference=None, saved=saved)
+
+
+def test_each_answer_token_returns_its_rows_reward(base, prompts, rewards):
+    """With no KL penalty and gamma = lambda = 1 every answer token's return is the row's reward, which pins where
+    the reward is placed and how GAE runs over the answer; the old log-probs are the policy's own."""
+    model, tok = load(base, inference=False)
+    model.add_label_head(1)
+    add_lora(model, LoRAConfig(r=4, alpha=8, modules_to_save=["score"]))
+    data = rollouts(model, tok, prompts, rewards, kl_coef=0.0, gamma=1.0, lam=1.0)
+    data.global_batch(0)
+    batch = data.batch
+    trained = batch["answer"][:, 1:].bool()
+    assert data.stats["reward"] > 0
+    rows = [data.prompts[i] for i in data._prompt_rows(0)]
+    for r, row in enumerate(rows):
+        expected = int(row.prompt.split()[-1]) / 10
+        assert batch["returns"][r][trained[r]].tolist() == pytest.approx([expected] * int(trained[r].sum()))
+    with torch.no_grad():
+        logp, values, _ = token_stats(model.eval(), batch["tokens"], batch["answer"], batch["mask"])
+    torch.testing.assert_close(batch["old_logp"][trained], logp)
+    torch.testing.assert_close(batch["old_values"][trained], values)
+
+
+def test_the_kl_against_the_adapters_off_reference_once_the_policy_moved(base, prompts, rewards):
+    model, tok = load(base, inference=False)
+    model.add_label_head(1)
+    add_lora(model, LoRAConfig(r=4, alpha=8, modules_to_save=["score"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    data = rollouts(model, tok, prompts, rewards)
+    data.global_batch(0)
+    trained = data.batch["answer"][:, 1:].bool()
+    plain, _ = load(base)
+    with torch.no_grad():
+        ref, _, _ = token_stats(plain, data.batch["tokens"], data.batch["answer"], data.batch["mask"], values=False)
+    kl = data.batch["old_logp"][trained] - ref
+    assert kl.abs().max() > 0.01  # the policy differs from its start
+    assert data.stats["kl"] == pytest.approx(float(kl.sum()) / trained.shape[0], rel=1e-4)
+
+
+def test_a_stopped_run_resumes_with_the_rollout_it_had(base, prompts, rewards, tmp_path):
+    model, tok = load(base, inference=False)
+    model.add_label_head(1)
+    add_lora(model, LoRAConfig(r=4, alpha=8, modules_to_save=["score"]))
+    saved = tmp_path / "rollout.pt"
+    first = rollouts(model, tok, prompts, rewards, saved=saved)
+    batch = first.global_batch(0)
+    with torch.no_grad():  # the policy moved during the cycle's first updates, then the run stopped
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    again = rollouts(model, tok, prompts, rewards, saved=saved)
+    assert all(torch.equal(again.global_batch(0)[k], v) for k, v in batch.items())
+    assert again.stats == first.stats
+    assert not torch.equal(rollouts(model, tok, prompts, rewards).global_batch(0)["old_logp"], batch["old_logp"])

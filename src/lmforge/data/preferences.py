@@ -26,9 +26,8 @@ from typing import Any
 import torch
 
 from lmforge.data.collate import Batch, pad_batch
-from lmforge.data.sft import ROLES, SFTData, _dialog_pieces, _instruct_pieces, _text, read_jsonl
+from lmforge.data.sft import SFTData, _dialog_pieces, _instruct_pieces, _text, message_list, read_jsonl
 from lmforge.errors import LmforgeError
-from lmforge.textio import json_type
 from lmforge.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -91,19 +90,7 @@ def conversation(row: dict[str, Any], where: str) -> Messages:
         if "prompt" not in row:
             raise LmforgeError(f"{where}: missing field 'prompt' (or 'messages')")
         return [{"role": "user", "content": _text(row, "prompt", where)}]
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise LmforgeError(f"{where}: 'messages' must be a non-empty list, not {json_type(messages)}")
-    out: Messages = []
-    for i, m in enumerate(messages, 1):
-        if not isinstance(m, dict):
-            raise LmforgeError(f"{where}: message {i} must be an object, not {json_type(m)}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise LmforgeError(f"{where}: message {i} has role {role!r} (expected system, user or assistant)")
-        if role == "system" and i != 1:
-            raise LmforgeError(f"{where}: message {i} is a system message; only the first message may be one")
-        out.append({"role": role, "content": _text(m, "content", f"{where}: message {i}", allow_empty=True)})
+    out = message_list(row["messages"], where)
     if out[-1]["role"] != "user":
         raise LmforgeError(f"{where}: 'messages' must end with a user turn (the answer follows it), not "
                            f"{out[-1]['role']!r}")
@@ -156,15 +143,18 @@ def pairs_from_ratings(ratings: list[RatingRow]) -> tuple[list[dict[str, Any]], 
     """Pair a liked and a disliked answer to the same conversation (the chat page's regenerate gives the second
     answer). Each conversation pairs its answers in file order, liked i with disliked i; leftovers are counted.
     Returns (pair rows in the pair-file shape, counts)."""
-    groups: dict[str, tuple[Messages, list[str], list[str]]] = {}
+    groups: dict[str, tuple[Messages, dict[str, str], dict[str, str]]] = {}
     for r in ratings:
         key = json.dumps(r.messages, sort_keys=True, ensure_ascii=False)
-        messages, liked, disliked = groups.setdefault(key, (r.messages, [], []))
-        (liked if r.rating > 0 else disliked).append(r.response)
+        messages, liked, disliked = groups.setdefault(key, (r.messages, {}, {}))
+        # answers that differ only in surrounding space are one answer (as read_pairs compares them)
+        (liked if r.rating > 0 else disliked).setdefault(r.response.strip(), r.response)
     pairs, unpaired = [], 0
-    for messages, liked, disliked in groups.values():
-        liked = list(dict.fromkeys(liked))  # the same answer rated twice is one answer
-        disliked = [d for d in dict.fromkeys(disliked) if d not in liked]
+    for messages, liked_by, disliked_by in groups.values():
+        torn = liked_by.keys() & disliked_by.keys()  # rated both ways: no preference to learn from it
+        liked = [v for k, v in liked_by.items() if k not in torn]
+        disliked = [v for k, v in disliked_by.items() if k not in torn]
+        unpaired += 2 * len(torn)
         n = min(len(liked), len(disliked))
         unpaired += len(liked) + len(disliked) - 2 * n
         for chosen, rejected in zip(liked[:n], disliked[:n], strict=True):
@@ -192,10 +182,13 @@ def export_feedback(source: str | Path, out: str | Path) -> dict[str, int]:
 # ---- rendering ----------------------------------------------------------------------------------------------
 
 
-def render(tokenizer: Tokenizer, messages: Messages, answer: str, where: str) -> tuple[list[int], list[int]]:
+def render(tokenizer: Tokenizer, messages: Messages, answer: str, where: str, allow_empty: bool = False
+           ) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids): the conversation as generation sees it and the answer's assistant turn. One user
-    turn goes through the instruct rendering (plain Alpaca text when the tokenizer has no chat template)."""
-    if not answer.strip():
+    turn goes through the instruct rendering (plain Alpaca text when the tokenizer has no chat template).
+    `allow_empty`: an empty answer is an empty turn (a reward model scores a policy that said nothing) rather
+    than an error (a training pair)."""
+    if not answer.strip() and not allow_empty:
         raise LmforgeError(f"{where}: empty answer")
     if len(messages) == 1 or (len(messages) == 2 and messages[0]["role"] == "system"):
         system = messages[0]["content"] if len(messages) == 2 else None

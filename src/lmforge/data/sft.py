@@ -214,7 +214,18 @@ def label_word_examples(path: str | Path, tokenizer: Tokenizer, max_len: int, la
 
 
 def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
-    messages = row.get("messages")
+    out = message_list(row.get("messages"), where)
+    if not any(m["role"] == "assistant" for m in out):
+        raise LmforgeError(f"{where}: no assistant message (nothing to train on)")
+    first = next(i for i, m in enumerate(out, 1) if m["role"] != "system")
+    if out[first - 1]["role"] != "user":  # an assistant turn needs a question: generation always follows a user turn
+        raise LmforgeError(f"{where}: message {first} is an assistant message before any user message")
+    return out
+
+
+def message_list(messages: Any, where: str) -> list[dict[str, str]]:
+    """A row's "messages", each checked: an object with a known role (system only first) and string content
+    (an assistant's not empty)."""
     if messages is None:
         raise LmforgeError(f"{where}: missing field 'messages'")
     if not isinstance(messages, list) or not messages:
@@ -230,11 +241,6 @@ def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
             raise LmforgeError(f"{where}: message {i} is a system message; only the first message may be one")
         content = _text(m, "content", f"{where}: message {i}", allow_empty=role != "assistant")
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise LmforgeError(f"{where}: no assistant message (nothing to train on)")
-    first = next(i for i, m in enumerate(out, 1) if m["role"] != "system")
-    if out[first - 1]["role"] != "user":  # an assistant turn needs a question: generation always follows a user turn
-        raise LmforgeError(f"{where}: message {first} is an assistant message before any user message")
     return out
 
 

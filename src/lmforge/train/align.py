@@ -50,12 +50,30 @@ from lmforge.train.runs import LOOP_KEYS, export_into, open_run, write_json
 REWARD_FILE, SCORE_FILE = "reward.json", "score.safetensors"
 
 
+@dataclass(kw_only=True)
+class TuneOptions:
+    """How the policy (or reward model) is trained and saved: LoRA or full; the same for DPO, reward and PPO."""
+
+    method: str = "lora"  # lora | full
+    rank: int = 16
+    alpha: float = 32.0
+    lora_dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    merge: bool = False
+    device: str = "auto"
+    resume: bool = False
+
+    def lora_record(self) -> dict[str, Any] | None:
+        if self.method != "lora":
+            return None
+        return {"r": self.rank, "alpha": self.alpha, "dropout": self.lora_dropout, "targets": self.targets}
+
+
 @dataclass
-class AlignOptions:
+class AlignOptions(TuneOptions):
     model: str
     data: Path
     out: Path
-    method: str = "lora"  # lora | full
     loss: str = "rpo"  # DPO: sigmoid | robust | ipo | rpo (see train/preference.py)
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -64,13 +82,6 @@ class AlignOptions:
     val_fraction: float = 0.1
     max_len: int = 1024
     epochs: float = 1.0  # used when TrainConfig.steps is 0
-    rank: int = 16
-    alpha: float = 32.0
-    lora_dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    merge: bool = False
-    device: str = "auto"
-    resume: bool = False
 
 
 RESUME_KEYS = ("model", "kind", "method", "data", "val_data", "val_fraction", "max_len", "lora", "dpo", *LOOP_KEYS)
@@ -80,11 +91,10 @@ def _record(kind: str, opts: AlignOptions, tc: TrainConfig) -> dict[str, Any]:
     from lmforge.train.finetune import _file_id
 
     t = {**asdict(tc), "micro_batch_rows": tc.micro_batch}
-    lora = {"r": opts.rank, "alpha": opts.alpha, "dropout": opts.lora_dropout, "targets": opts.targets}
     dpo = {"loss": opts.loss, "beta": opts.beta, "label_smoothing": opts.label_smoothing, "rpo_alpha": opts.rpo_alpha}
     return {"model": opts.model, "kind": kind, "method": opts.method, "data": _file_id(opts.data),
             "val_data": _file_id(opts.val_data) if opts.val_data else None, "val_fraction": opts.val_fraction,
-            "max_len": opts.max_len, "lora": lora if opts.method == "lora" else None,
+            "max_len": opts.max_len, "lora": opts.lora_record(),
             "dpo": dpo if kind == "dpo" else None, **{k: t[k] for k in LOOP_KEYS}, "steps": tc.steps}
 
 
@@ -114,7 +124,7 @@ def _pairs(opts: AlignOptions, tok: Tokenizer, ctx: int, seed: int) -> tuple[lis
     return train_rows, val_rows  # type: ignore[return-value]
 
 
-def _add_lora(model: nn.Module, opts: AlignOptions, heads: list[str]) -> str:
+def _add_lora(model: nn.Module, opts: TuneOptions, heads: list[str]) -> str:
     if opts.method == "full":
         return "all parameters"
     from lmforge.train.lora import LoRAConfig, add_lora
@@ -124,7 +134,7 @@ def _add_lora(model: nn.Module, opts: AlignOptions, heads: list[str]) -> str:
     return str(report)
 
 
-def _check(opts: AlignOptions, tc: TrainConfig, d: distributed.Dist) -> None:
+def _check(opts: TuneOptions, tc: TrainConfig, d: distributed.Dist) -> None:
     if opts.method not in ("lora", "full"):
         raise LmforgeError(f"unknown method {opts.method!r} (lora, full)")
     if opts.method == "lora" and tc.fsdp and d.world > 1:
@@ -157,20 +167,41 @@ def _steps(tc: TrainConfig, epochs: float, n_train: int) -> None:
 
 def dpo(opts: AlignOptions, tc: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Direct preference optimisation; returns validation metrics before and after, and the output folders."""
+    objective = DPOObjective(opts.beta, opts.loss, opts.label_smoothing, opts.rpo_alpha)
+    return _run_on_pairs("dpo", opts, tc, objective, [], progress, quiet)
+
+
+def train_reward(opts: AlignOptions, tc: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """A reward model on preference pairs; returns held-out pairwise accuracy before and after."""
+    return _run_on_pairs("reward", opts, tc, RewardObjective(), ["score"], progress, quiet)
+
+
+def _run_on_pairs(kind: str, opts: AlignOptions, tc: TrainConfig, objective: Any, heads: list[str], progress: bool,
+                  quiet: bool) -> dict[str, Any]:
+    """The one recipe of both: load, read the pairs, (reward: add the score head), LoRA, (DPO: the reference
+    log-probs), validate, train through the loop, validate again, save."""
     with distributed.session(opts.device) as d:
         _check(opts, tc, d)
-        model, tok = load_decoder(opts.model, d.device, "DPO")
+        if kind == "reward" and tc.fsdp and d.world > 1:
+            raise LmforgeError("a reward model trains under DDP, not FSDP (leave out --fsdp)")
+        model, tok = load_decoder(opts.model, d.device, "DPO" if kind == "dpo" else "a reward model")
         train_rows, val_rows = _pairs(opts, tok, model.cfg.max_seq_len, tc.seed)
-        torch.manual_seed(tc.seed)  # LoRA's A matrices: the same on every run and rank
-        trainable = _add_lora(model, opts, [])
-        objective = DPOObjective(opts.beta, opts.loss, opts.label_smoothing, opts.rpo_alpha)
-        t0 = time.perf_counter()
-        _fill_reference(model, [*train_rows, *val_rows], tok, tc.batch_size)
-        ref_seconds = time.perf_counter() - t0
+        torch.manual_seed(tc.seed)  # a fresh head and LoRA's A matrices: the same on every run and rank
+        if kind == "reward":
+            model.add_label_head(1)
+        trainable = _add_lora(model, opts, heads)
+        if kind == "reward" and model.lm_head is not None:
+            model.lm_head.requires_grad_(False)  # the score head reads the states; DDP must not wait for LM grads
+        result: dict[str, Any] = {"kind": kind}
+        if kind == "dpo":
+            t0 = time.perf_counter()
+            with autocast_for(tc, d.device):  # the loop's precision: at step 0 the policy is its reference exactly
+                _fill_reference(model, [*train_rows, *val_rows], tok, tc.micro_batch or tc.batch_size)
+            result["ref_seconds"] = time.perf_counter() - t0
         data = PairData(train_rows, val_rows, tc.batch_size, tc.seed, pad_id_for(tok))
         _steps(tc, opts.epochs, len(train_rows))
         out = Path(opts.out)
-        record = _record("dpo", opts, tc)
+        record = _record(kind, opts, tc)
         resuming = open_run(out, record, opts.resume, RESUME_KEYS, d)
         if d.rank == 0 and not quiet:
             print(trainable)
@@ -178,14 +209,29 @@ def dpo(opts: AlignOptions, tc: TrainConfig, progress: bool = True, quiet: bool 
         train(model, data, objective, tc, out, d, resume=resuming, progress=progress, quiet=quiet,
               run_info={"align": record})
         after = pair_metrics(model, data.val_batches(), objective) if val_rows else None
-        from lmforge.train.finetune import save_trained
+        result.update({"before": before, "after": after, "train_pairs": len(train_rows), "val_pairs": len(val_rows),
+                       "steps": tc.steps, "trainable": trainable})
+        if kind == "dpo":
+            from lmforge.train.finetune import save_trained
 
-        result = {"kind": "dpo", "before": before, "after": after, "train_pairs": len(train_rows),
-                  "val_pairs": len(val_rows), "steps": tc.steps, "ref_seconds": ref_seconds, "trainable": trainable}
-        result.update(save_trained(model, tok, out, opts.method, model_source(opts.model), opts.merge, d))
+            result.update(save_trained(model, tok, out, opts.method, model_source(opts.model), opts.merge, d))
+        else:
+            result["accuracy"] = after["accuracy"] if after else None
+            if d.rank == 0:
+                save_reward_model(model, tok, out, opts.method, model_source(opts.model))
+                result["model_dir"] = str(out)
         if d.rank == 0:
             write_json(out / "result.json", result)
         return result
+
+
+def autocast_for(tc: TrainConfig, device: torch.device) -> Any:
+    """The autocast the loop wraps each forward in (loop.py): numbers computed outside the loop that its loss
+    compares against (DPO's reference, PPO's old log-probs) must be computed at the same precision."""
+    from lmforge.train.loop import pick_precision
+
+    dtype = pick_precision(tc.precision, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def _fill_reference(model: nn.Module, pairs: list[PairTokens], tok: Tokenizer, batch_size: int) -> None:
@@ -202,37 +248,6 @@ def _fill_reference(model: nn.Module, pairs: list[PairTokens], tok: Tokenizer, b
 
 
 # ---- reward model -------------------------------------------------------------------------------------------
-
-
-def train_reward(opts: AlignOptions, tc: TrainConfig, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """A reward model on preference pairs; returns held-out pairwise accuracy before and after."""
-    with distributed.session(opts.device) as d:
-        _check(opts, tc, d)
-        model, tok = load_decoder(opts.model, d.device, "a reward model")
-        train_rows, val_rows = _pairs(opts, tok, model.cfg.max_seq_len, tc.seed)
-        torch.manual_seed(tc.seed)
-        model.add_label_head(1)
-        trainable = _add_lora(model, opts, ["score"])
-        objective = RewardObjective()
-        data = PairData(train_rows, val_rows, tc.batch_size, tc.seed, pad_id_for(tok))
-        _steps(tc, opts.epochs, len(train_rows))
-        out = Path(opts.out)
-        record = _record("reward", opts, tc)
-        resuming = open_run(out, record, opts.resume, RESUME_KEYS, d)
-        if d.rank == 0 and not quiet:
-            print(trainable)
-        before = pair_metrics(model, data.val_batches(), objective) if val_rows and not resuming else None
-        train(model, data, objective, tc, out, d, resume=resuming, progress=progress, quiet=quiet,
-              run_info={"align": record})
-        after = pair_metrics(model, data.val_batches(), objective) if val_rows else None
-        result = {"kind": "reward", "before": before, "after": after, "train_pairs": len(train_rows),
-                  "val_pairs": len(val_rows), "steps": tc.steps, "trainable": trainable,
-                  "accuracy": after["accuracy"] if after else None}
-        if d.rank == 0:
-            save_reward_model(model, tok, out, opts.method, model_source(opts.model))
-            result["model_dir"] = str(out)
-            write_json(out / "result.json", result)
-        return result
 
 
 def save_reward_model(model: nn.Module, tok: Tokenizer, out: Path, method: str, base: str) -> None:
@@ -299,7 +314,7 @@ def score(model: nn.Module, tok: Tokenizer, conversations: list[list[dict[str, s
     """A reward model's score of each (conversation, response), rendered as training rendered its pairs."""
     from lmforge.data.collate import pad_batch
 
-    rows = [p + a for p, a in (render(tok, m, r, where[i] if where else f"row {i + 1}")
+    rows = [p + a for p, a in (render(tok, m, r, where[i] if where else f"row {i + 1}", allow_empty=True)
                                for i, (m, r) in enumerate(zip(conversations, responses, strict=True)))]
     ctx = model.cfg.max_seq_len
     for i, row in enumerate(rows):
@@ -307,16 +322,14 @@ def score(model: nn.Module, tok: Tokenizer, conversations: list[list[dict[str, s
             raise LmforgeError(f"{where[i] if where else f'row {i + 1}'}: {len(row)} tokens, more than the reward "
                                f"model's context ({ctx})")
     device = model.tok_emb.weight.device
-    out: list[float] = []
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
     scores: dict[int, float] = {}
     for at in range(0, len(order), batch_size):
         chunk = order[at: at + batch_size]
         tokens, mask = pad_batch([rows[i] for i in chunk], pad_id_for(tok))
         values = reward_scores(model, tokens.to(device), mask.to(device)).tolist()
         scores.update(zip(chunk, values, strict=True))
-    out = [scores[i] for i in range(len(rows))]
-    return out
+    return [scores[i] for i in range(len(rows))]
 
 
 def score_file(reward: str | Path, data: str | Path, device: str | None = None) -> list[dict[str, Any]]:
@@ -350,7 +363,7 @@ def sample_answers(model_name: str, prompts: str | Path, n: int, out: str | Path
         raise LmforgeError(f"--n must be at least 1, not {n}")
     rows = read_prompts(prompts)
     model, tok = load(model_name, "float32", device)
-    ids = [_prompt_ids(tok, r.messages, r.where) for r in rows]
+    ids = prompt_ids(model, tok, rows)
     jobs = [(i, k) for i in range(len(rows)) for k in range(n)]
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0 if k == 0 else temperature,
                              top_p=top_p, seed=seed * 1_000_003 + i * 1009 + k) for i, k in jobs]
@@ -366,6 +379,19 @@ def sample_answers(model_name: str, prompts: str | Path, n: int, out: str | Path
                                 "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
     tmp.replace(out)
     return len(jobs)
+
+
+def prompt_ids(model: Transformer, tok: Tokenizer, rows: list[Any]) -> list[list[int]]:
+    """Each prompt row rendered for generation; one that leaves no room to answer in the model's context is an
+    error naming its row, before any work starts."""
+    out = []
+    for r in rows:
+        ids = _prompt_ids(tok, r.messages, r.where)
+        if len(ids) >= model.cfg.max_seq_len:
+            raise LmforgeError(f"{r.where}: the prompt is {len(ids)} tokens, the model's context is "
+                               f"{model.cfg.max_seq_len}: no room for an answer")
+        out.append(ids)
+    return out
 
 
 def _prompt_ids(tok: Tokenizer, messages: list[dict[str, str]], where: str) -> list[int]:

@@ -71,8 +71,13 @@ class ProgressBar:
             self.console.print(line, highlight=False, markup=False)
 
 
+# what alignment's losses log beside the loss (train/preference.py, train/ppo.py): each gets its own panel
+PANELS = ("reward", "kl", "entropy", "clip_fraction", "reward_accuracy", "reward_margin", "accuracy")
+
+
 def plot_losses(metrics: Path, out: Path) -> None:
-    """Train loss (raw and smoothed) and validation loss against tokens seen, written atomically."""
+    """Train loss (raw and smoothed) and validation loss against steps, and a panel for each alignment metric the
+    records hold (PPO's reward, KL, entropy, clip fraction; DPO's reward accuracy and margin), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,22 +86,30 @@ def plot_losses(metrics: Path, out: Path) -> None:
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not records:
         return
+    panels = [k for k in PANELS if any(k in r for r in records)]
+    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 1.8 * len(panels)), dpi=100, squeeze=False,
+                             sharex=True)
+    ax = axes[0][0]
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     smooth, avg = [], losses[0]
     for x in losses:  # exponential moving average, as training dashboards show it
         avg = 0.9 * avg + 0.1 * x
         smooth.append(avg)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
     ax.plot(steps, smooth, color="tab:blue", linewidth=1.5, label="train loss (EMA)")
     val = [(r["step"], r["val_loss"]) for r in records if not math.isnan(r.get("val_loss", math.nan))]
     if val:
         ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    for (panel,), name in zip(axes[1:], panels, strict=True):
+        points = [(r["step"], r[name]) for r in records if name in r]
+        panel.plot(*zip(*points, strict=True), color="tab:green", linewidth=1.2)
+        panel.set_ylabel(name.replace("_", " "))
+        panel.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step")
     fig.tight_layout()
     tmp = out.with_name(out.name + ".partial.png")
     fig.savefig(tmp)

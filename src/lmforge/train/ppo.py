@@ -12,7 +12,8 @@ scores them, and computes with the model as it is then (no gradients):
   advantages     GAE(gamma, lambda) over the answer tokens, whitened; returns = advantages + values
 The loss (PPOObjective) per answer token: the clipped policy objective max(-A r, -A clip(r, 1-e, 1+e)) with
 r = pi / pi_old, plus vf_coef times the clipped value loss; the loop divides the sum by the token count.
-Checkpoints fall on PPO-step boundaries, so --resume repeats no rollout and skips none.
+Checkpoints fall on PPO-step boundaries and the last rollout is kept in OUT/rollout.pt, so --resume (even after a
+Ctrl-C mid-step) continues with exactly the rollouts an uninterrupted run would have used.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import numbers
+import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist as distributed
+from lmforge.train.align import TuneOptions
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.preference import _Tally, unwrap
 from lmforge.train.runs import LOOP_KEYS, open_run, write_json
@@ -44,12 +48,11 @@ RewardFn = Callable[[list[PromptRow], list[str]], list[float]]
 
 
 @dataclass
-class PPOOptions:
+class PPOOptions(TuneOptions):
     model: str
     reward: str  # a reward model folder (align reward) or module:function
     prompts: Path
     out: Path
-    method: str = "lora"
     val_prompts: Path | None = None
     val_fraction: float = 0.1
     rollouts: int = 16  # prompts answered per PPO step
@@ -62,13 +65,6 @@ class PPOOptions:
     clip: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
-    rank: int = 16
-    alpha: float = 32.0
-    lora_dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    merge: bool = False
-    device: str = "auto"
-    resume: bool = False
 
 
 # ---- the math -----------------------------------------------------------------------------------------------
@@ -122,16 +118,18 @@ def whiten(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(m, (x - values.mean()) / (values.std() + 1e-8), torch.zeros_like(x))
 
 
-def token_stats(model: nn.Module, tokens: Tensor, answer: Tensor, mask: Tensor, values: bool = True
-                ) -> tuple[Tensor, Tensor | None, Tensor]:
+def token_stats(model: nn.Module, tokens: Tensor, answer: Tensor, mask: Tensor, values: bool = True,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor | None, Tensor]:
     """For every answer token (the N positions where answer[:, 1:] is set, row-major): its log-prob under the
-    model (N,), the value head at the state before it (N,) when asked, and the entropy there (N,)."""
+    distribution the rollouts sampled from (the logits over `temperature`) (N,), the value head at the state
+    before it (N,) when asked, and the entropy there (N,), which is logged, not trained."""
     trained = answer[:, 1:].bool()
     hidden = model(tokens[:, :-1], attention_mask=mask[:, :-1], head="hidden")[trained]  # (N, d)
     core = unwrap(model)
-    logp_all = torch.log_softmax(core.lm_logits(hidden).float(), dim=-1)  # (N, V)
+    logp_all = torch.log_softmax(core.lm_logits(hidden).float() / temperature, dim=-1)  # (N, V)
     logp = logp_all.gather(1, tokens[:, 1:][trained][:, None])[:, 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     v = core.score(hidden)[:, 0].float() if values else None
     return logp, v, entropy
 
@@ -158,8 +156,9 @@ def load_reward(spec: str, device: torch.device) -> tuple[RewardFn, str]:
         sys.path.insert(0, str(Path.cwd()))  # a reward module beside the user's data
     try:
         function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise LmforgeError(f"cannot load the reward function {spec}: {e}") from None
+    except Exception as e:  # the user's module: a syntax error or whatever its top level raises, in one line
+        raise LmforgeError(f"cannot load the reward function {spec}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
     if not callable(function):
         raise LmforgeError(f"the reward {spec} is not a function")
 
@@ -172,7 +171,7 @@ def load_reward(spec: str, device: torch.device) -> tuple[RewardFn, str]:
             except Exception as e:  # the user's code: whatever it raises is reported, naming the row
                 raise LmforgeError(f"the reward function {spec} failed on prompt {where}: {type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise LmforgeError(f"the reward function {spec} returned {value!r} for prompt {where}: it must "
                                    "return a finite number")
             out.append(float(value))
@@ -189,22 +188,24 @@ class Rollouts:
     that PPO step's rollouts (each rollout once per PPO epoch, in a seeded order)."""
 
     def __init__(self, model: Transformer, tok: Tokenizer, prompts: list[PromptRow], reward: RewardFn,
-                 opts: PPOOptions, batch_size: int, seed: int, reference: nn.Module | None) -> None:
+                 opts: PPOOptions, batch_size: int, seed: int, reference: nn.Module | None,
+                 train_config: TrainConfig | None = None, saved: Path | None = None) -> None:
         if opts.rollouts % batch_size:
             raise LmforgeError(f"--rollouts {opts.rollouts} is not a multiple of --batch-size {batch_size} (the "
                                "minibatch)")
-        from lmforge.train.align import _prompt_ids
+        from lmforge.train.align import prompt_ids
 
         self.model, self.tok, self.prompts, self.reward, self.opts = model, tok, prompts, reward, opts
         self.batch_size, self.seed, self.reference = batch_size, seed, reference
-        self.ids = [_prompt_ids(tok, r.messages, r.where) for r in prompts]
+        self.ids = prompt_ids(model, tok, prompts)
+        self.train_config = train_config or TrainConfig(steps=1)  # its precision: the loop's autocast
+        self.saved = saved  # the last rollout on disk: a run stopped mid-cycle resumes with the same rollout
         self.minibatches = opts.rollouts // batch_size
         self.steps_per_cycle = opts.ppo_epochs * self.minibatches
         self.tokens_per_row = max(1, round(sum(map(len, self.ids)) / len(self.ids))) + opts.max_new_tokens
         self.cycle = -1
         self.batch: Batch = {}
         self.stats: dict[str, float] = {}
-        self.eos = tok.eos_id if tok.eos_id is not None else (model.cfg.eos_token_ids or [0])[0]
 
     def val_batches(self) -> list[Batch]:
         return []
@@ -229,8 +230,22 @@ class Rollouts:
             out.append(perm[g % n])
         return out
 
-    @torch.no_grad()
     def _rollout(self, cycle: int) -> None:
+        if self.saved is not None and self.saved.exists():
+            kept = torch.load(self.saved, weights_only=False)
+            if kept["cycle"] == cycle:
+                self.batch, self.stats, self.cycle = kept["batch"], kept["stats"], cycle
+                return
+        from lmforge.train.align import autocast_for
+
+        with torch.no_grad(), autocast_for(self.train_config, self.model.tok_emb.weight.device):
+            self._new_rollout(cycle)
+        if self.saved is not None:
+            tmp = self.saved.with_name(self.saved.name + ".partial")
+            torch.save({"cycle": cycle, "batch": self.batch, "stats": self.stats}, tmp)
+            os.replace(tmp, self.saved)
+
+    def _new_rollout(self, cycle: int) -> None:
         from lmforge.generate import SamplingParams, complete
 
         o, model = self.opts, self.model
@@ -250,7 +265,7 @@ class Rollouts:
         answer, _ = pad_batch([[0] * len(self.ids[i]) + [1] * len(a) for i, a in zip(chosen, answers, strict=True)], 0)
         tokens, mask, answer = tokens.to(device), mask.to(device), answer.to(device)
         trained = answer[:, 1:].bool()
-        logp, values, _ = token_stats(model, tokens, answer, mask)
+        logp, values, _ = token_stats(model, tokens, answer, mask, temperature=o.temperature)
         ref_logp = self._reference_logps(tokens, answer, mask)
         model.train(was)
 
@@ -273,16 +288,18 @@ class Rollouts:
         }
         lengths = trained.sum(1).float()
         self.cycle = cycle
-        self.stats = {"ppo_step": cycle + 1, "reward": float(scores.mean()), "reward_std": float(scores.std()),
-                      "kl": float(kl.sum(1).mean()), "answer_tokens": float(lengths.mean())}
+        self.stats = {"ppo_step": cycle + 1, "reward": float(scores.mean()),
+                      "reward_std": float(scores.std(correction=0)), "kl": float(kl.sum(1).mean()),
+                      "answer_tokens": float(lengths.mean())}
 
     def _reference_logps(self, tokens: Tensor, answer: Tensor, mask: Tensor) -> Tensor:
         from lmforge.train.lora import adapters_off
 
+        t = self.opts.temperature
         if self.reference is not None:
-            return token_stats(self.reference, tokens, answer, mask, values=False)[0]
+            return token_stats(self.reference, tokens, answer, mask, values=False, temperature=t)[0]
         with adapters_off(self.model):
-            return token_stats(self.model, tokens, answer, mask, values=False)[0]
+            return token_stats(self.model, tokens, answer, mask, values=False, temperature=t)[0]
 
 
 class PPOObjective:
@@ -296,7 +313,8 @@ class PPOObjective:
     def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
         o = self.opts
         trained = batch["answer"][:, 1:].bool()
-        logp, values, entropy = token_stats(model, batch["tokens"], batch["answer"], batch["mask"])
+        logp, values, entropy = token_stats(model, batch["tokens"], batch["answer"], batch["mask"],
+                                            temperature=o.temperature)
         assert values is not None
         pg, clipped = policy_loss(logp, batch["old_logp"][trained], batch["advantages"][trained], o.clip)
         vf = value_loss(values, batch["old_values"][trained], batch["returns"][trained], o.value_clip)
@@ -313,7 +331,7 @@ class PPOObjective:
 # ---- the run --------------------------------------------------------------------------------------------------
 
 
-RESUME_KEYS = ("model", "reward", "method", "prompts", "ppo", "lora", *LOOP_KEYS)
+RESUME_KEYS = ("model", "reward", "method", "prompts", "val_prompts", "ppo", "lora", *LOOP_KEYS)
 
 
 def _record(opts: PPOOptions, tc: TrainConfig) -> dict[str, Any]:
@@ -322,9 +340,9 @@ def _record(opts: PPOOptions, tc: TrainConfig) -> dict[str, Any]:
     t = {**asdict(tc), "micro_batch_rows": tc.micro_batch}
     ppo = {k: getattr(opts, k) for k in ("rollouts", "ppo_epochs", "max_new_tokens", "temperature", "kl_coef",
                                           "gamma", "lam", "clip", "value_clip", "vf_coef", "val_fraction")}
-    lora = {"r": opts.rank, "alpha": opts.alpha, "dropout": opts.lora_dropout, "targets": opts.targets}
     return {"model": opts.model, "reward": opts.reward, "method": opts.method, "prompts": _file_id(opts.prompts),
-            "ppo": ppo, "lora": lora if opts.method == "lora" else None, **{k: t[k] for k in LOOP_KEYS},
+            "val_prompts": _file_id(opts.val_prompts) if opts.val_prompts else None,
+            "ppo": ppo, "lora": opts.lora_record(), **{k: t[k] for k in LOOP_KEYS},
             "steps": tc.steps}
 
 
@@ -333,13 +351,13 @@ def held_out(model: Transformer, tok: Tokenizer, rows: list[PromptRow], reward: 
              ) -> dict[str, float]:
     """Greedy answers to the held-out prompts: their mean reward and length in words."""
     from lmforge.generate import SamplingParams, complete
-    from lmforge.train.align import _prompt_ids
+    from lmforge.train.align import prompt_ids
 
     if not rows:
         return {}
     was = model.training
     model.eval()
-    ids = [_prompt_ids(tok, r.messages, r.where) for r in rows]
+    ids = prompt_ids(model, tok, rows)
     done = complete(model, tok, ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     model.train(was)
     texts = [c.text for c in done]
@@ -351,7 +369,7 @@ def ppo(opts: PPOOptions, ppo_steps: int, tc: TrainConfig, progress: bool = True
         ) -> dict[str, Any]:
     """Run `ppo_steps` PPO steps; returns held-out reward before and after, the last step's statistics and the
     output folders. tc.batch_size is the minibatch (rollouts per optimizer step)."""
-    from lmforge.train.align import AlignOptions, _add_lora, load_decoder, model_source
+    from lmforge.train.align import _add_lora, load_decoder, model_source
 
     if opts.method not in ("lora", "full"):
         raise LmforgeError(f"unknown method {opts.method!r} (lora, full)")
@@ -377,10 +395,9 @@ def ppo(opts: PPOOptions, ppo_steps: int, tc: TrainConfig, progress: bool = True
         if opts.method == "full":
             reference = copy.deepcopy(model).requires_grad_(False).eval()
         model.add_label_head(1)  # the value head
-        trainable = _add_lora(model, AlignOptions(opts.model, opts.prompts, opts.out, method=opts.method,
-                                                  rank=opts.rank, alpha=opts.alpha, lora_dropout=opts.lora_dropout,
-                                                  targets=opts.targets), ["score"])
-        data = Rollouts(model, tok, train_rows, reward, opts, tc.batch_size, tc.seed, reference)
+        trainable = _add_lora(model, opts, ["score"])
+        data = Rollouts(model, tok, train_rows, reward, opts, tc.batch_size, tc.seed, reference, tc,
+                        Path(opts.out) / "rollout.pt")
         tc.steps = ppo_steps * data.steps_per_cycle
         tc.save_every = max(1, tc.save_every) * data.steps_per_cycle  # checkpoints at PPO-step boundaries
         tc.eval_every = -1
