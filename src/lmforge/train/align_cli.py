@@ -178,7 +178,7 @@ def add_align_commands(subparsers: Any) -> None:
     p.add_argument("--rpo-alpha", type=_rate, default=1.0, help="rpo: weight of the NLL term")
     p.add_argument("--merge", action="store_true", help="also write OUT/merged (an HF folder)")
     add_train_args(p, lr=5e-5)
-    p.set_defaults(func=cmd_dpo, eval_every=0, save_every=200, default_epochs=3.0)
+    p.set_defaults(func=cmd_dpo, eval_every=0, save_every=200, default_epochs=3.0, batch_size=4)
 
     p = sub.add_parser("reward", help="train a reward model (scalar head, Bradley–Terry) on pairs")
     p.add_argument("--model", "-m", default=DEFAULT_CHAT_MODEL)

@@ -39,7 +39,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist as distributed
-from lmforge.train.align import TuneOptions
+from lmforge.train.align import TuneOptions, _add_lora, autocast_for, load_decoder, model_source, prompt_ids
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.preference import _Tally, unwrap
 from lmforge.train.runs import LOOP_KEYS, open_run, write_json
@@ -193,8 +193,6 @@ class Rollouts:
         if opts.rollouts % batch_size:
             raise LmforgeError(f"--rollouts {opts.rollouts} is not a multiple of --batch-size {batch_size} (the "
                                "minibatch)")
-        from lmforge.train.align import prompt_ids
-
         self.model, self.tok, self.prompts, self.reward, self.opts = model, tok, prompts, reward, opts
         self.batch_size, self.seed, self.reference = batch_size, seed, reference
         self.ids = prompt_ids(model, tok, prompts)
@@ -236,8 +234,6 @@ class Rollouts:
             if kept["cycle"] == cycle:
                 self.batch, self.stats, self.cycle = kept["batch"], kept["stats"], cycle
                 return
-        from lmforge.train.align import autocast_for
-
         with torch.no_grad(), autocast_for(self.train_config, self.model.tok_emb.weight.device):
             self._new_rollout(cycle)
         if self.saved is not None:
@@ -351,8 +347,6 @@ def held_out(model: Transformer, tok: Tokenizer, rows: list[PromptRow], reward: 
              ) -> dict[str, float]:
     """Greedy answers to the held-out prompts: their mean reward and length in words."""
     from lmforge.generate import SamplingParams, complete
-    from lmforge.train.align import prompt_ids
-
     if not rows:
         return {}
     was = model.training
@@ -369,8 +363,6 @@ def ppo(opts: PPOOptions, ppo_steps: int, tc: TrainConfig, progress: bool = True
         ) -> dict[str, Any]:
     """Run `ppo_steps` PPO steps; returns held-out reward before and after, the last step's statistics and the
     output folders. tc.batch_size is the minibatch (rollouts per optimizer step)."""
-    from lmforge.train.align import _add_lora, load_decoder, model_source
-
     if opts.method not in ("lora", "full"):
         raise LmforgeError(f"unknown method {opts.method!r} (lora, full)")
     for name in ("kl_coef", "gamma", "lam", "clip", "value_clip", "vf_coef", "temperature"):
