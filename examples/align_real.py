@@ -6,13 +6,16 @@
     .venv/bin/python examples/align_real.py dpo    [-- extra `lmforge align dpo` options]
     .venv/bin/python examples/align_real.py reward [-- extra `lmforge align reward` options]
     .venv/bin/python examples/align_real.py ppo    [-- extra `lmforge align ppo` options]
+    .venv/bin/python examples/align_real.py --chosen sampled|own|answer dpo ...   # which chosen side (see below)
 
 questions: 240 short factual questions (capitals, arithmetic, colours, animals, opposites, space, days and months,
 chemistry, authors, general knowledge), each with a short correct answer and the key facts (lowercase strings) an
 answer must contain to count as correct. Every 4th question is held out (60, a quarter of each topic); the
 other 180 are for training. base: greedy answers (96 new tokens) through the same chat rendering as
-`lmforge generate --chat`; they go to examples/align/base_answers.jsonl and are the rejected side of the pairs
-(the chosen side is the short answer). dpo / ppo: held-out answers of the base model and of the tuned one (its
+`lmforge generate --chat`; they go to examples/align/base_answers.jsonl and are the rejected side of the pairs.
+The chosen side (--chosen): `sampled` (default), the shortest first sentence holding the key fact among the
+model's own greedy and 3 sampled answers (`lmforge align sample`, cached in runs/align/samples.jsonl); `own`, the
+greedy answer's first sentence when it holds the key, else the short answer; `answer`, the short answer. dpo / ppo: held-out answers of the base model and of the tuned one (its
 merged folder), each scored by mean words, key-fact rate, loops (a word 4-gram 3+ times) and the rule-based reward
 of examples/align_reward.py, plus the answers to 5 unrelated prompts, printed for a look at coherence. reward: the
 reward model's pairwise accuracy from its result.json. Results go to runs/align/ and the table is printed.
