@@ -13,12 +13,13 @@ chemistry, authors, general knowledge), each with a short correct answer and the
 answer must contain to count as correct. Every 4th question is held out (60, a quarter of each topic); the
 other 180 are for training. base: greedy answers (96 new tokens) through the same chat rendering as
 `lmforge generate --chat`; they go to examples/align/base_answers.jsonl and are the rejected side of the pairs.
-The chosen side (--chosen): `sampled` (default), the shortest first sentence holding the key fact among the
-model's own greedy and 3 sampled answers (`lmforge align sample`, cached in runs/align/samples.jsonl); `own`, the
-greedy answer's first sentence when it holds the key, else the short answer; `answer`, the short answer. dpo / ppo: held-out answers of the base model and of the tuned one (its
-merged folder), each scored by mean words, key-fact rate, loops (a word 4-gram 3+ times) and the rule-based reward
-of examples/align_reward.py, plus the answers to 5 unrelated prompts, printed for a look at coherence. reward: the
-reward model's pairwise accuracy from its result.json. Results go to runs/align/ and the table is printed.
+The chosen side (--chosen): `sampled` (default), the shortest first sentence holding the key fact among the model's
+own greedy and 3 sampled answers (`lmforge align sample`, cached in runs/align/samples.jsonl); `own`, the greedy
+answer's first sentence when it holds the key, else the short answer; `answer`, the short answer.
+dpo / ppo: held-out answers of the base model and of the tuned one (its merged folder), each scored by mean words,
+key-fact rate, loops (a word 4-gram 3+ times) and the rule-based reward of examples/align_reward.py, plus the
+answers to 5 unrelated prompts, printed for a look at coherence. reward: the reward model's pairwise accuracy from
+its result.json. Results go to runs/align/ and the table is printed.
 """
 
 from __future__ import annotations
