@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cli import main
-from lmforge.data.preferences import collate_pairs, pair_tokens, read_pairs
+from lmforge.data.preferences import SIDES, collate_pairs, pair_tokens, read_pairs
 from lmforge.generate import SamplingParams, complete, encode_prompt
 from lmforge.train.align import load_reward_model, score
 from lmforge.train.lora import LoRAConfig, adapters_off, add_lora
@@ -19,7 +19,6 @@ from lmforge.train.preference import (
     DPOObjective,
     RewardObjective,
     answer_logps,
-    both_sides,
     bradley_terry_loss,
     dpo_loss,
     reference_logps,
@@ -49,6 +48,14 @@ def batch(base, tmp_path):
 
 
 # ---- the losses, by hand --------------------------------------------------------------------------------------
+
+
+def both_sides(batch):
+    """The chosen rows then the rejected rows, right-padded to one width (2B, T): more padding than the objectives
+    use, so the numbers below must not depend on it."""
+    width = max(batch[f"{s}_tokens"].shape[1] for s in SIDES)
+    return [torch.cat([F.pad(batch[f"{s}_{key}"], (0, width - batch[f"{s}_{key}"].shape[1])) for s in SIDES])
+            for key in ("tokens", "answer", "mask")]
 
 
 def t(*values):

@@ -43,17 +43,6 @@ def side(batch: Batch, name: str) -> tuple[Tensor, Tensor, Tensor]:
     return batch[f"{name}_tokens"][:, :width], batch[f"{name}_answer"][:, :width], mask[:, :width]
 
 
-def both_sides(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """The chosen rows then the rejected rows, padded to one width: tokens, answer flags, attention (2B, T)."""
-    width = max(batch[f"{side}_tokens"].shape[1] for side in SIDES)
-
-    def cat(key: str) -> Tensor:
-        return torch.cat([F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]))
-                          for side in SIDES])
-
-    return cat("tokens"), cat("answer"), cat("mask")
-
-
 def answer_logits(model: nn.Module, tokens: Tensor, answer: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The model's next-token logits at every position that predicts an answer token, and what they predict.
     Returns (logits (N, V), targets (N,), row of each (N,)). The LM head runs on those N positions only: over a
