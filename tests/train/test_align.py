@@ -199,10 +199,19 @@ def test_full_dpo_writes_an_hf_folder(base, tmp_path):
     out = tmp_path / "full"
     assert main(["align", "dpo", "--model", str(base), "--data", str(data), "--out", str(out), "--method", "full",
                  "--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--val-fraction", "0", "--quiet"]) == 0
+    from transformers import AutoModelForCausalLM
+
     model, tok = load(out)
-    text = complete(model, tok, [encode_prompt(tok, "q", chat=True)], SamplingParams(max_new_tokens=3,
-                                                                                     temperature=0))[0]
-    assert text.usage.completion_tokens >= 1
+    plain, _ = load(base)
+    ids = torch.tensor([encode_prompt(tok, "question 99", chat=True)])
+    with torch.no_grad():
+        tuned = model(ids)
+        assert (tuned - plain(ids)).abs().max() > 1e-3  # every weight trained: the folder is not the base
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, tuned,
+                                   rtol=1e-4, atol=1e-4)
+    margin = [answer_logp(m, tok, "question 99", "yes") - answer_logp(m, tok, "question 99", "no, no and no")
+              for m in (plain, model)]
+    assert margin[1] > margin[0]
 
 
 def test_reward_model_learns_a_separable_preference_and_scores_rows(base, tmp_path, capsys):
