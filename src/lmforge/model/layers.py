@@ -120,7 +120,16 @@ class Attention(nn.Module):
             k, v = memory_kv
         else:
             n_qk = self.n_head + self.n_kv_head
-            qkv = self.qkv(x).view(B, T, n_qk + self.n_kv_head, self.head_dim)
+            qkv = self.qkv(x)
+            if T == 1 and cache is not None and rope is not None and self.fusable(qkv, cache):
+                # decode: rope, cache write and attention in one native call (kernels/decode.cpp); the mask
+                # with a cache only says "columns up to each row's position", which the kernel knows
+                y = kernels.decode_attention(qkv.view(B, -1), rope[0].reshape(B, -1), rope[1].reshape(B, -1),
+                                             cache.cache.k[layer], cache.cache.v[layer], cache.first,
+                                             cache.positions.reshape(B), self.n_head, self.scale)
+                if y is not None:
+                    return self.out(y.view(B, 1, -1))
+            qkv = qkv.view(B, T, n_qk + self.n_kv_head, self.head_dim)
             qk = qkv[:, :, :n_qk]
             if self.q_norm is not None and self.k_norm is not None:
                 qk = torch.cat([self.q_norm(qk[:, :, : self.n_head]), self.k_norm(qk[:, :, self.n_head :])], dim=2)
@@ -141,6 +150,14 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def fusable(self, qkv: Tensor, cache: CacheStep) -> bool:
+        """Whether decode may take the fused native path: inference, fp32 on the CPU, plain per-row slots."""
+        return (
+            qkv.dtype is torch.float32 and qkv.is_cpu and self.q_norm is None and not self.keep_weights
+            and not self.training and cache.slots is None and cache.positions.dtype is torch.long
+            and not (torch.is_grad_enabled() and qkv.requires_grad) and not torch.compiler.is_compiling()
+        )
 
     def attend_keeping_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
         """What SDPA computes, spelled out: q (B, H, T, hd), k/v (B, n_kv, S, hd) -> (B, H, T, hd); the
@@ -186,7 +203,13 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            gate, up = self.fc_in(x).chunk(2, dim=-1)
+            h = self.fc_in(x)
+            if self.act is F.silu and h.dtype is torch.float32 and h.is_cpu and h.is_contiguous() and not (
+                    torch.is_grad_enabled() and h.requires_grad) and not torch.compiler.is_compiling():
+                fused = kernels.silu_mul(h)  # one native pass instead of chunk, silu, mul (inference only)
+                if fused is not None:
+                    return self.fc_out(fused)
+            gate, up = h.chunk(2, dim=-1)
             return self.fc_out(self.act(gate) * up)
         return self.fc_out(self.act(self.fc_in(x)))
 

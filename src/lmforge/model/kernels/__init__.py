@@ -77,9 +77,10 @@ from lmforge.errors import LmforgeError
 
 QK = 32  # input columns per block (one activation scale, one weight scale)
 RG = 16  # output rows per packed group (the 16 fp32 lanes of an AVX512 register)
-ABI = 4  # must match kAbi in qmatmul.cpp
+ABI = 5  # must match kAbi in qmatmul.cpp
 
-_SOURCE = Path(__file__).with_name("qmatmul.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "decode.cpp")]
+_HEADER = Path(__file__).with_name("kernels.h")
 # -fopenmp: at::parallel_for is inline OpenMP in the headers; -ffp-contract=off: the precise mode's residual
 # x - d * q must be two fp32 roundings like PyTorch's, and GCC fuses them into an FMA by default (even -std=c++17)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -111,7 +112,7 @@ def _cpu_flags() -> str:
 
 def _name() -> str:
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
+    for part in (*(f.read_bytes() for f in (*_SOURCES, _HEADER)), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
                  _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
@@ -201,7 +202,7 @@ def build(verbose: bool = False) -> bool:
         root = build_root()
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        mod = cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(folder),
+        mod = cpp_extension.load(name=name, sources=[str(f) for f in _SOURCES], build_directory=str(folder),
                                  extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, is_python_module=True, verbose=verbose)
         with _lock:
             _lib, _tried = _check(mod), True
@@ -483,3 +484,33 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         if lib is not None:
             return lib.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+# ---- the decode step's fused ops (decode.cpp) ----------------------------------------------------------------
+
+
+def _inference_lib() -> ModuleType | None:
+    """The extension for an inference-only fused op, looked for quietly (an fp32 model has nothing to be told)."""
+    return _lib if _tried else _load(quiet=True)
+
+
+def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, first: int,
+                     positions: Tensor, n_head: int, scale: float) -> Tensor | None:
+    """One new token per row, fused (decode.cpp's header has the math): qkv (B, (H + 2 G) hd) fp32, cos/sin
+    (B, hd) at each row's position, the layer's cache k/v (slots, G, L, hd) fp32 or bf16, rows first..first+B-1 at
+    positions (B,) int64 -> (B, H hd) fp32, the key and value written into the cache. None when the extension
+    is not there: the caller then runs the model's own PyTorch path (rope, cache write, SDPA), the reference."""
+    lib = _inference_lib()
+    if lib is None:
+        return None
+    return lib.decode_attention(qkv, cos, sin, k_cache, v_cache, first, positions, n_head, scale)
+
+
+def silu_mul(x: Tensor) -> Tensor | None:
+    """silu(x[..., :F]) * x[..., F:] for a contiguous fp32 CPU x (..., 2F) in one pass, or None where the
+    extension cannot serve it fast (missing; or many rows without AVX512, where its exp is scalar): the caller
+    then runs F.silu(gate) * up."""
+    lib = _inference_lib()
+    if lib is None or (x.numel() > 1 << 16 and lib.isa() != "avx512vnni"):
+        return None
+    return lib.silu_mul(x)

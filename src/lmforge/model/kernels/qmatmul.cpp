@@ -33,34 +33,12 @@
 // composite of ~6 ops (pow, sum, div, add, rsqrt, two muls: ~42 us at decode's (1, 1, 576) on the build
 // machine, for ~1 us of arithmetic), and a decode step calls it twice per layer.
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <string>
-#include <type_traits>
-#include <vector>
-
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define QMM_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define QMM_AVX2 1
-#else
-#define QMM_SCALAR 1
-#endif
+#include "kernels.h"
 
 namespace {
 
 // Bumped whenever the packed layout or the Python-visible interface changes; __init__.py refuses another.
-constexpr int64_t kAbi = 4;
+constexpr int64_t kAbi = 5;
 constexpr int64_t QK = 32;  // block size (input columns per scale)
 constexpr int64_t RG = 16;  // output rows per group (lanes of a 512-bit register)
 #if defined(QMM_AVX512)
@@ -715,6 +693,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   // The GIL is kept: at decode's sizes the whole call is a few microseconds, mostly the output's allocation.
   m.def("rms_norm", &rms_norm, "fp32 RMSNorm over the last dimension: x * rsqrt(mean(x^2) + eps) * weight");
+  m.def("decode_attention", &lmforge::decode_attention,
+        "one token per row: rope, KV cache write and grouped-query attention over the row's columns (decode.cpp)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &lmforge::silu_mul, "silu(gate) * up of a gated MLP's (M, 2F) projection -> (M, F)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the compiled code path");
   m.def("abi", []() { return kAbi; }, "packed layout / interface version");
 }

@@ -1,0 +1,263 @@
+// The decode step's small ops, fused: at one token per row each of them is a few microseconds of arithmetic
+// behind tens of microseconds of PyTorch dispatch, allocation and (for a bf16 KV cache) a conversion of every
+// cached key and value to fp32 before SDPA can read them. The model's own PyTorch code (model/layers.py) is the
+// fallback and the reference: the same math, equal within fp32 rounding (tests/model/test_kernels.py).
+//
+// decode_attention: one new token per row of a self-attention layer with rotary positions and a KV cache.
+//   qkv (B, (H + 2 G) hd) fp32: the fused projection's output, q heads then k heads then v heads;
+//   cos, sin (B, hd) fp32: each row's rotary table at its position (half-split layout, as HF Llama);
+//   k_cache, v_cache (S, G, L, hd) fp32 or bf16: the layer's cache, slot s column p = position p of slot s;
+//   row b is slot first + b at position positions[b]:
+//     q, k = rope(q), rope(k);  cache[first + b, :, p] = k, v  (rounded to the cache's dtype, as Tensor.to);
+//     y[b, h] = softmax_j(q_h . K_j * scale) V_j over the row's columns j <= p, K and V read back from the cache
+//   -> y (B, H hd) fp32. Query head h reads kv head h / (H / G) (grouped-query attention). Rows never see another
+//   row's columns or a column past their own position, so no mask is needed.
+// silu_mul: x (M, 2F) fp32, gate columns first -> silu(gate) * up (M, F): a gated MLP's middle.
+
+#include "kernels.h"
+
+namespace lmforge {
+namespace {
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept: what Tensor.to(torch.bfloat16) stores.
+inline void store(float* dst, float v) { *dst = v; }
+inline void store(uint16_t* dst, float v) { *dst = c10::BFloat16(v).x; }
+inline float load(const float* p) { return *p; }
+inline float load(const uint16_t* p) { return bf16_to_float(*p); }
+
+#if defined(QMM_AVX512)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// exp(x) = 2^n exp(r), n = round(x log2 e), r = x - n ln 2 (ln 2 in two parts, Cephes' expf), exp(r) by its
+// degree-7 Taylor-like polynomial: within ~2 ulp of expf; scalef gives 0 below and inf above the range.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));  // NaN stays NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// q . k over hd values (the vector path when hd is a multiple of 16).
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t hd) {
+#if defined(QMM_AVX512)
+  if (hd % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float s = 0.0f;
+  for (int64_t i = 0; i < hd; ++i) s += q[i] * load(k + i);
+  return s;
+}
+
+// y += a v over hd values.
+template <typename T>
+inline void axpy(float* y, float a, const T* v, int64_t hd) {
+#if defined(QMM_AVX512)
+  if (hd % 16 == 0) {
+    const __m512 av = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < hd; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, load16(v + i), _mm512_loadu_ps(y + i)));
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < hd; ++i) y[i] += a * load(v + i);
+}
+
+// s[j] = exp(s[j] - max) over n scores; returns their sum.
+inline float exp_shifted(float* s, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  float sum = 0.0f;
+  int64_t j = 0;
+#if defined(QMM_AVX512)
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+    _mm512_storeu_ps(s + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]): apply_rope's two products and sum.
+inline void rope(const float* x, const float* cos, const float* sin, float* out, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+  for (int64_t i = half; i < hd; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+// One row's kv head: rope its `group` query heads (q, contiguous) and its key, write key and value at column p of
+// the slot's cache (kc, vc: (L, hd) of this head), attend over columns 0..p -> y (group, hd).
+template <typename T>
+void attend(const float* q_in, const float* k_in, const float* v_in, const float* cos, const float* sin, T* kc,
+            T* vc, int64_t p, int64_t group, int64_t hd, float scale, float* y, std::vector<float>& buf) {
+  const int64_t n = p + 1;
+  buf.resize(static_cast<size_t>(group * (hd + n) + hd));
+  float* q = buf.data();      // (group, hd) rotated queries
+  float* s = q + group * hd;  // (group, n) scores, then unnormalised probabilities
+  float* k = s + group * n;   // (hd) the rotated key, before its rounding to the cache's dtype
+  for (int64_t h = 0; h < group; ++h) rope(q_in + h * hd, cos, sin, q + h * hd, hd);
+  rope(k_in, cos, sin, k, hd);
+  for (int64_t i = 0; i < hd; ++i) {
+    store(kc + p * hd + i, k[i]);
+    store(vc + p * hd + i, v_in[i]);
+  }
+  for (int64_t j = 0; j < n; ++j) {  // each cached key read once for all the group's heads
+    const T* kj = kc + j * hd;
+    for (int64_t h = 0; h < group; ++h) s[h * n + j] = dot(q + h * hd, kj, hd) * scale;
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    const float inv = 1.0f / exp_shifted(s + h * n, n);
+    for (int64_t j = 0; j < n; ++j) s[h * n + j] *= inv;
+  }
+  std::fill(y, y + group * hd, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = vc + j * hd;
+    for (int64_t h = 0; h < group; ++h) axpy(y + h * hd, s[h * n + j], vj, hd);
+  }
+}
+
+template <typename T>
+void attention_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, int64_t first, const int64_t* pos, int64_t H, float scale,
+                    at::Tensor& y) {
+  const int64_t B = qkv.size(0), G = k_cache.size(1), L = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t group = H / G, width = qkv.size(1);
+  const float* x = qkv.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  T* kc = reinterpret_cast<T*>(k_cache.data_ptr());
+  T* vc = reinterpret_cast<T*>(v_cache.data_ptr());
+  float* out = y.data_ptr<float>();
+  int64_t keys = 0;  // the work: keys read over all tasks
+  for (int64_t b = 0; b < B; ++b) keys += (pos[b] + 1) * G;
+  const auto body = [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / G, g = t % G, p = pos[b];
+      const float* row = x + b * width;
+      const int64_t cell = ((first + b) * G + g) * L * hd;
+      attend(row + g * group * hd, row + (H + g) * hd, row + (H + G + g) * hd, c + b * hd, sn + b * hd, kc + cell,
+             vc + cell, p, group, hd, scale, out + b * H * hd + g * group * hd, buf);
+    }
+  };
+  if (keys * group * hd < (int64_t{1} << 15)) {
+    body(0, B * G);  // a short context: less work than waking a thread
+  } else {
+    at::parallel_for(0, B * G, 1, body);
+  }
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, int64_t first, const at::Tensor& positions, int64_t n_head,
+                            double scale) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "decode_attention: k_cache and v_cache must be contiguous float32 or bfloat16 CPU tensors of one "
+              "(slots, kv heads, length, head dim) shape, got ", k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t S = k_cache.size(0), G = k_cache.size(1), L = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(G > 0 && n_head > 0 && n_head % G == 0 && hd % 2 == 0,
+              "decode_attention: ", n_head, " query heads cannot share ", G, " kv heads of size ", hd);
+  const auto is_rows = [](const at::Tensor& t, int64_t b, int64_t w) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+           t.size(0) == b && t.size(1) == w;
+  };
+  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == at::kLong && positions.dim() == 1 &&
+                  positions.is_contiguous(),
+              "decode_attention: positions must be a contiguous int64 CPU vector");
+  const int64_t B = positions.size(0);
+  TORCH_CHECK(is_rows(qkv, B, (n_head + 2 * G) * hd), "decode_attention: qkv must be contiguous float32 (", B, ", ",
+              (n_head + 2 * G) * hd, "), got ", qkv.scalar_type(), " ", qkv.sizes());
+  TORCH_CHECK(is_rows(cos, B, hd) && is_rows(sin, B, hd), "decode_attention: cos and sin must be contiguous float32 (",
+              B, ", ", hd, ")");
+  TORCH_CHECK(first >= 0 && first + B <= S, "decode_attention: rows ", first, "..", first + B - 1, " outside the ",
+              S, " slots of the cache");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < L, "decode_attention: position ", pos[b], " outside the cache's ", L,
+                " columns");
+  at::Tensor y = at::empty({B, n_head * hd}, qkv.options());
+  if (B == 0) return y;
+  const float sc = static_cast<float>(scale);
+  if (k_cache.scalar_type() == at::kFloat) {
+    attention_rows<float>(qkv, cos, sin, k_cache, v_cache, first, pos, n_head, sc, y);
+  } else {
+    attention_rows<uint16_t>(qkv, cos, sin, k_cache, v_cache, first, pos, n_head, sc, y);
+  }
+  return y;
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1 &&
+                  x.size(-1) % 2 == 0,
+              "silu_mul: x must be a contiguous float32 CPU tensor with an even last dimension, got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t F = x.size(-1) / 2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = F;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t rows = F > 0 ? x.numel() / (2 * F) : 0;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // silu(g) u = g / (1 + exp(-g)) * u: PyTorch's silu, then the product
+  const auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = xp + r * 2 * F;
+      const float* u = g + F;
+      float* o = yp + r * F;
+      int64_t j = 0;
+#if defined(QMM_AVX512)
+      const __m512 one = _mm512_set1_ps(1.0f);
+      for (; j + 16 <= F; j += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + j);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+      }
+#endif
+      for (; j < F; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+    }
+  };
+  if (rows * F < (int64_t{1} << 15)) {
+    body(0, rows);
+  } else {
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(F, 1)), body);
+  }
+  return y;
+}
+
+}  // namespace lmforge

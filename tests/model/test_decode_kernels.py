@@ -1,0 +1,141 @@
+"""The decode step's fused native ops (kernels/decode.cpp) against the model's own PyTorch path, their reference:
+rope + KV-cache write + grouped-query attention in one call, and a gated MLP's silu(gate) * up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+from lmforge.model import kernels as K
+from lmforge.model.transformer import Transformer
+
+
+@pytest.fixture(scope="session")
+def native() -> bool:
+    if not (K.available() or K.build()):
+        pytest.skip("native kernels unavailable (no compiler / build failed): the PyTorch path is the only one")
+    return True
+
+
+def tiny(n_head: int, n_kv_head: int, head_dim: int, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=97, d_model=48, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim,
+                      d_ff=80, max_seq_len=96)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def decode(model: Transformer, kv_dtype: torch.dtype, fused: bool, monkeypatch: pytest.MonkeyPatch,
+           steps: int = 3) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Prefill four rows of different lengths into a cache, then `steps` batched decode steps (rows at different
+    positions, slot 1 left free as the engine's dummy rows are) -> (each step's logits, the cache's k and v)."""
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(K, "decode_attention", lambda *a, **k: None)
+        cache = model.new_cache(4, 96, dtype=kv_dtype)
+        lengths = [30, 0, 7, 61]
+        g = torch.Generator().manual_seed(1)
+        with torch.inference_mode():
+            for slot, n in enumerate(lengths):
+                if n:
+                    tokens = torch.randint(0, 97, (1, n), generator=g)
+                    positions = torch.arange(n)[None]
+                    model(tokens, positions, cache.step(slot, positions, kv_len=n, start=0))
+            out = []
+            for _ in range(steps):
+                tokens = torch.randint(0, 97, (4, 1), generator=g)
+                positions = torch.tensor(lengths)[:, None]
+                out.append(model(tokens, positions, cache.step(0, positions, kv_len=max(lengths) + 1), read_at=0))
+                lengths = [n + 1 for n in lengths]
+        return out, cache.k.clone(), cache.v.clone()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_head", "n_kv_head", "head_dim"), [(4, 2, 16), (3, 3, 32), (6, 2, 12)])
+def test_fused_decode_attention_matches_the_model_path(native: bool, kv_dtype: torch.dtype, n_head: int,
+                                                       n_kv_head: int, head_dim: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same logits and caches within fp32 rounding; the first layer's cache bit-equal (its inputs are: rope is
+    the same two products and a sum, and the bf16 store rounds to nearest even like Tensor.to). head_dim 12: the
+    scalar path; 16 and 32: the vector one."""
+    model = tiny(n_head, n_kv_head, head_dim)
+    fused, k1, v1 = decode(model, kv_dtype, True, monkeypatch)
+    plain, k2, v2 = decode(model, kv_dtype, False, monkeypatch)
+    assert torch.equal(k1[0], k2[0]) and torch.equal(v1[0], v2[0])
+    tol = 2e-5 if kv_dtype == torch.float32 else 1e-2  # a bf16 rounding may flip with a last-bit change
+    torch.testing.assert_close(k1.float(), k2.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(v1.float(), v2.float(), rtol=tol, atol=tol)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.abs().max()))
+    assert not torch.equal(fused[0], fused[1])  # the steps moved on
+
+
+def test_fused_path_is_taken(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model really reaches the native call in decode (and not in prefill)."""
+    calls: list[int] = []
+    real = K.decode_attention
+
+    def counting(*args: object) -> Tensor | None:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(K, "decode_attention", counting)
+    model = tiny(4, 2, 16)
+    decode(model, torch.float32, True, monkeypatch, steps=2)
+    assert len(calls) == 2 * model.cfg.n_layer
+
+
+def test_decode_attention_is_deterministic_across_threads(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each (row, kv head) is one thread's work in one order."""
+    model = tiny(4, 2, 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode(model, torch.bfloat16, True, monkeypatch)[0]
+        torch.set_num_threads(2)
+        two = decode(model, torch.bfloat16, True, monkeypatch)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_decode_attention_checks_its_inputs(native: bool) -> None:
+    lib = K._load()
+    assert lib is not None
+    k = torch.zeros(2, 2, 8, 16)
+    qkv, cs, pos = torch.zeros(1, 8 * 16), torch.zeros(1, 16), torch.tensor([3])
+    lib.decode_attention(qkv, cs, cs, k, k.clone(), 1, pos, 4, 0.25)  # fine
+    bad = [
+        (qkv[:, :-1], cs, k, 0, pos, 4),  # qkv too narrow
+        (qkv, cs[:, :8], k, 0, pos, 4),  # cos of the wrong size
+        (qkv, cs, k.double(), 0, pos, 4),  # cache dtype
+        (qkv, cs, k, 2, pos, 4),  # past the last slot
+        (qkv, cs, k, 0, torch.tensor([8]), 4),  # past the cache's columns
+        (qkv, cs, k, 0, pos.int(), 4),  # positions dtype
+        (torch.zeros(1, 7 * 16), cs, k, 0, pos, 3),  # 3 query heads on 2 kv heads
+    ]
+    for q, c, cache, first, p, heads in bad:
+        with pytest.raises(RuntimeError, match="decode_attention"):
+            lib.decode_attention(q, c, c, cache, cache.clone(), first, p, heads, 0.25)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 7, 2 * 40), (300, 2 * 1536), (2, 2 * 5)])
+def test_silu_mul_matches_torch(native: bool, shape: tuple[int, ...]) -> None:
+    """Within a few ulps of F.silu(gate) * up: 16-wide steps, a scalar tail, the row-parallel branch, and
+    values far into both tails of exp (silu -> 0 and silu -> x) and NaN."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g) * 4
+    x.view(-1)[: min(8, x.numel() // 2)] = torch.tensor([-150.0, -90.0, -20.0, 0.0, 20.0, 90.0, 150.0, float("nan")])[
+        : min(8, x.numel() // 2)]
+    gate, up = x.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    with torch.inference_mode():
+        y = K.silu_mul(x)
+    assert y is not None and y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=3e-6, atol=1e-30, equal_nan=True)
