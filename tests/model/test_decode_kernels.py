@@ -57,7 +57,7 @@ def decode(model: Transformer, kv_dtype: torch.dtype, fused: bool, monkeypatch: 
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("n_head", "n_kv_head", "head_dim"), [(4, 2, 16), (3, 3, 32), (6, 2, 12)])
+@pytest.mark.parametrize(("n_head", "n_kv_head", "head_dim"), [(4, 2, 16), (3, 3, 32), (6, 2, 12), (2, 1, 64), (2, 2, 128)])
 def test_fused_decode_attention_matches_the_model_path(native: bool, kv_dtype: torch.dtype, n_head: int,
                                                        n_kv_head: int, head_dim: int,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,41 +58,98 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
-// q . k over hd values (the vector path when hd is a multiple of 16).
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t hd) {
 #if defined(QMM_AVX512)
-  if (hd % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
-    return _mm512_reduce_add_ps(acc);
+// The 16 horizontal sums of v[0..15] as one vector (lane t = sum of v[t]'s lanes): pairwise shuffles and adds,
+// 45 instructions instead of 16 reductions of ~8 dependent ones each.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: v2i's and v2i+1's pairwise sums, interleaved
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per chunk: the 4 vectors' sums over the chunk, in order
+    const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
   }
-#endif
-  float s = 0.0f;
-  for (int64_t i = 0; i < hd; ++i) s += q[i] * load(k + i);
-  return s;
+  for (int i = 0; i < 2; ++i)  // chunks 0+1 and 2+3 of each: 8 vectors' partial sums
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
+#endif
 
-// y += a v over hd values.
-template <typename T>
-inline void axpy(float* y, float a, const T* v, int64_t hd) {
+// Per query head, over a head's n cached keys/values (rows of C 16-wide vectors, hd = 16 C; C = 0: any hd, plain
+// loops). Keys/values stream from L1/L2 once per head; the head's query and output stay in registers.
+// s[j] = (q . K_j) * scale, j < n.
+template <int C, typename T>
+inline void scores(const float* q, const T* K, int64_t n, int64_t hd, float scale, float* s) {
 #if defined(QMM_AVX512)
-  if (hd % 16 == 0) {
-    const __m512 av = _mm512_set1_ps(a);
-    for (int64_t i = 0; i < hd; i += 16)
-      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, load16(v + i), _mm512_loadu_ps(y + i)));
+  if constexpr (C > 0) {
+    __m512 qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {  // 16 keys' lane-wise products, summed across lanes all at once
+      __m512 part[16];
+      for (int t = 0; t < 16; ++t) {
+        const T* kj = K + (j + t) * 16 * C;
+        part[t] = _mm512_mul_ps(qv[0], load16(kj));
+        for (int c = 1; c < C; ++c) part[t] = _mm512_fmadd_ps(qv[c], load16(kj + 16 * c), part[t]);
+      }
+      _mm512_storeu_ps(s + j, _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(scale)));
+    }
+    for (; j < n; ++j) {
+      const T* kj = K + j * 16 * C;
+      __m512 acc[2] = {_mm512_mul_ps(qv[0], load16(kj)), _mm512_setzero_ps()};  // two chains: half the latency
+      for (int c = 1; c < C; ++c) acc[c & 1] = _mm512_fmadd_ps(qv[c], load16(kj + 16 * c), acc[c & 1]);
+      s[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) * scale;
+    }
     return;
   }
 #endif
-  for (int64_t i = 0; i < hd; ++i) y[i] += a * load(v + i);
+  for (int64_t j = 0; j < n; ++j) {
+    float dot = 0.0f;
+    for (int64_t i = 0; i < hd; ++i) dot += q[i] * load(K + j * hd + i);
+    s[j] = dot * scale;
+  }
+}
+
+// y = sum_j p[j] V_j, j < n.
+template <int C, typename T>
+inline void mix(const float* p, const T* V, int64_t n, int64_t hd, float* y) {
+#if defined(QMM_AVX512)
+  if constexpr (C > 0) {
+    __m512 acc[2][C];  // even and odd keys: two independent chains per vector
+    for (int c = 0; c < C; ++c) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2)
+      for (int t = 0; t < 2; ++t) {
+        const __m512 pj = _mm512_set1_ps(p[j + t]);
+        const T* vj = V + (j + t) * 16 * C;
+        for (int c = 0; c < C; ++c) acc[t][c] = _mm512_fmadd_ps(pj, load16(vj + 16 * c), acc[t][c]);
+      }
+    if (j < n) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int c = 0; c < C; ++c) acc[0][c] = _mm512_fmadd_ps(pj, load16(V + j * 16 * C + 16 * c), acc[0][c]);
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + 16 * c, _mm512_add_ps(acc[0][c], acc[1][c]));
+    return;
+  }
+#endif
+  std::fill(y, y + hd, 0.0f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < hd; ++i) y[i] += p[j] * load(V + j * hd + i);
 }
 
 // s[j] = exp(s[j] - max) over n scores; returns their sum.
 inline float exp_shifted(float* s, int64_t n) {
   float m = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-  float sum = 0.0f;
   int64_t j = 0;
+#if defined(QMM_AVX512)
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+  m = _mm512_reduce_max_ps(mx);
+#endif
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  float sum = 0.0f;
+  j = 0;
 #if defined(QMM_AVX512)
   const __m512 mv = _mm512_set1_ps(m);
   __m512 acc = _mm512_setzero_ps();
@@ -119,36 +176,30 @@ inline void rope(const float* x, const float* cos, const float* sin, float* out,
 
 // One row's kv head: rope its `group` query heads (q, contiguous) and its key, write key and value at column p of
 // the slot's cache (kc, vc: (L, hd) of this head), attend over columns 0..p -> y (group, hd).
-template <typename T>
+template <int C, typename T>
 void attend(const float* q_in, const float* k_in, const float* v_in, const float* cos, const float* sin, T* kc,
             T* vc, int64_t p, int64_t group, int64_t hd, float scale, float* y, std::vector<float>& buf) {
   const int64_t n = p + 1;
-  buf.resize(static_cast<size_t>(group * (hd + n) + hd));
-  float* q = buf.data();      // (group, hd) rotated queries
-  float* s = q + group * hd;  // (group, n) scores, then unnormalised probabilities
-  float* k = s + group * n;   // (hd) the rotated key, before its rounding to the cache's dtype
-  for (int64_t h = 0; h < group; ++h) rope(q_in + h * hd, cos, sin, q + h * hd, hd);
+  buf.resize(static_cast<size_t>(hd + n + hd));
+  float* q = buf.data();  // (hd) a rotated query head
+  float* s = q + hd;      // (n) its scores, then unnormalised probabilities
+  float* k = s + n;       // (hd) the rotated key, before its rounding to the cache's dtype
   rope(k_in, cos, sin, k, hd);
   for (int64_t i = 0; i < hd; ++i) {
     store(kc + p * hd + i, k[i]);
     store(vc + p * hd + i, v_in[i]);
   }
-  for (int64_t j = 0; j < n; ++j) {  // each cached key read once for all the group's heads
-    const T* kj = kc + j * hd;
-    for (int64_t h = 0; h < group; ++h) s[h * n + j] = dot(q + h * hd, kj, hd) * scale;
-  }
   for (int64_t h = 0; h < group; ++h) {
-    const float inv = 1.0f / exp_shifted(s + h * n, n);
-    for (int64_t j = 0; j < n; ++j) s[h * n + j] *= inv;
-  }
-  std::fill(y, y + group * hd, 0.0f);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* vj = vc + j * hd;
-    for (int64_t h = 0; h < group; ++h) axpy(y + h * hd, s[h * n + j], vj, hd);
+    rope(q_in + h * hd, cos, sin, q, hd);
+    scores<C>(q, kc, n, hd, scale, s);
+    const float inv = 1.0f / exp_shifted(s, n);
+    float* yh = y + h * hd;
+    mix<C>(s, vc, n, hd, yh);
+    for (int64_t i = 0; i < hd; ++i) yh[i] *= inv;
   }
 }
 
-template <typename T>
+template <int C, typename T>
 void attention_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, int64_t first, const int64_t* pos, int64_t H, float scale,
                     at::Tensor& y) {
@@ -168,7 +219,7 @@ void attention_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tens
       const int64_t b = t / G, g = t % G, p = pos[b];
       const float* row = x + b * width;
       const int64_t cell = ((first + b) * G + g) * L * hd;
-      attend(row + g * group * hd, row + (H + g) * hd, row + (H + G + g) * hd, c + b * hd, sn + b * hd, kc + cell,
+      attend<C>(row + g * group * hd, row + (H + g) * hd, row + (H + G + g) * hd, c + b * hd, sn + b * hd, kc + cell,
              vc + cell, p, group, hd, scale, out + b * H * hd + g * group * hd, buf);
     }
   };
@@ -214,10 +265,20 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   at::Tensor y = at::empty({B, n_head * hd}, qkv.options());
   if (B == 0) return y;
   const float sc = static_cast<float>(scale);
-  if (k_cache.scalar_type() == at::kFloat) {
-    attention_rows<float>(qkv, cos, sin, k_cache, v_cache, first, pos, n_head, sc, y);
-  } else {
-    attention_rows<uint16_t>(qkv, cos, sin, k_cache, v_cache, first, pos, n_head, sc, y);
+  const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+  const auto run = [&](auto c) {  // head sizes of whole 16-wide vectors get unrolled loops, others plain ones
+    constexpr int C = decltype(c)::value;
+    if (bf16) {
+      attention_rows<C, uint16_t>(qkv, cos, sin, k_cache, v_cache, first, pos, n_head, sc, y);
+    } else {
+      attention_rows<C, float>(qkv, cos, sin, k_cache, v_cache, first, pos, n_head, sc, y);
+    }
+  };
+  switch (hd) {
+    case 32: run(std::integral_constant<int, 2>{}); break;
+    case 64: run(std::integral_constant<int, 4>{}); break;
+    case 128: run(std::integral_constant<int, 8>{}); break;
+    default: run(std::integral_constant<int, 0>{}); break;
   }
   return y;
 }
