@@ -10,7 +10,9 @@ from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.model import kernels as K
+from lmforge.model.quantize import quantize
 from lmforge.model.transformer import Transformer
+from lmforge.train.lora import LoRAConfig, add_lora
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +33,15 @@ def tiny(n_head: int, n_kv_head: int, head_dim: int, seed: int = 0) -> Transform
     return model.eval()
 
 
-def decode(model: Transformer, kv_dtype: torch.dtype, fused: bool, monkeypatch: pytest.MonkeyPatch,
+def decode(model: Transformer, kv_dtype: torch.dtype, fused: bool | str, monkeypatch: pytest.MonkeyPatch,
            steps: int = 3) -> tuple[list[Tensor], Tensor, Tensor]:
     """Prefill four rows of different lengths into a cache, then `steps` batched decode steps (rows at different
-    positions, slot 1 left free as the engine's dummy rows are) -> (each step's logits, the cache's k and v)."""
+    positions, slot 1 left free as the engine's dummy rows are) -> (each step's logits, the cache's k and v).
+    fused: True = the whole block natively, "attention" = only the attention, False = the PyTorch path."""
     with monkeypatch.context() as m:
-        if not fused:
+        if fused is not True:
+            m.setattr(K, "decode_block", lambda *a, **k: None)
+        if fused is False:
             m.setattr(K, "decode_attention", lambda *a, **k: None)
         cache = model.new_cache(4, 96, dtype=kv_dtype)
         lengths = [30, 0, 7, 61]
@@ -76,19 +81,52 @@ def test_fused_decode_attention_matches_the_model_path(native: bool, kv_dtype: t
     assert not torch.equal(fused[0], fused[1])  # the steps moved on
 
 
-def test_fused_path_is_taken(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The model really reaches the native call in decode (and not in prefill)."""
+@pytest.mark.parametrize("quant", [None, "int4", "int8"])
+def test_native_block_equals_the_modules_bit_for_bit(native: bool, quant: str | None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode_block makes the calls the block's modules make, in their order: equal logits and caches."""
+    model = tiny(4, 2, 32)
+    if quant:
+        quantize(model, quant)  # type: ignore[arg-type]
+        model.lm_head.bias = None
+        for block in model.decoder:  # a bias on one projection: QuantLinear's y + bias in both paths
+            block.attn.qkv.bias = torch.nn.Parameter(torch.randn(block.attn.qkv.out_features), requires_grad=False)
+    block, k1, v1 = decode(model, torch.bfloat16, True, monkeypatch)
+    modules, k2, v2 = decode(model, torch.bfloat16, "attention", monkeypatch)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert all(torch.equal(a, b) for a, b in zip(block, modules, strict=True))
+
+
+def counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     calls: list[int] = []
-    real = K.decode_attention
+    real = getattr(K, name)
 
     def counting(*args: object) -> Tensor | None:
         calls.append(1)
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args)
 
-    monkeypatch.setattr(K, "decode_attention", counting)
+    monkeypatch.setattr(K, name, counting)
+    return calls
+
+
+def test_native_paths_are_taken_and_left_when_a_hook_or_adapter_needs_the_modules(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps run each block natively (never prefill); a forward hook on a projection, or a LoRA adapter,
+    sends the block back through its modules (the attention alone stays native), and the hook fires."""
     model = tiny(4, 2, 16)
+    blocks, attention = counted(monkeypatch, "decode_block"), counted(monkeypatch, "decode_attention")
     decode(model, torch.float32, True, monkeypatch, steps=2)
-    assert len(calls) == 2 * model.cfg.n_layer
+    assert len(blocks) == 2 * model.cfg.n_layer and not attention
+    seen: list[int] = []
+    handle = model.decoder[0].mlp.fc_out.register_forward_hook(lambda *_: seen.append(1))
+    blocks.clear()
+    decode(model, torch.float32, True, monkeypatch, steps=2)
+    handle.remove()
+    assert len(blocks) == 2 * (model.cfg.n_layer - 1) and len(attention) == 2 and len(seen) == 3 + 2  # three prefills, two steps
+    blocks.clear()
+    add_lora(model, LoRAConfig(r=2, targets=["q_proj"]))
+    decode(model, torch.float32, True, monkeypatch, steps=1)
+    assert not blocks
 
 
 def test_decode_attention_is_deterministic_across_threads(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:

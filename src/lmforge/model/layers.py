@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from lmforge.config import ModelConfig
 from lmforge.model import kernels
@@ -242,6 +243,10 @@ class Block(nn.Module):
         memory_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
+        if x.shape[1] == 1 and cache is not None and rope is not None and memory_kv is None:
+            y = self.decode_natively(x, rope, cache, layer)
+            if y is not None:
+                return y
         if self.post_norm:
             x = self.attn_norm(x + self.drop(self.attn(x, mask, rope, cache, layer, is_causal=is_causal)))
             return self.mlp_norm(x + self.drop(self.mlp(x)))
@@ -249,3 +254,38 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             x = x + self.drop(self.cross_attn(self.cross_norm(x), memory_mask, memory_kv=memory_kv))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+    def decode_natively(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: CacheStep, layer: int) -> Tensor | None:
+        """The whole block in one native call (kernels.decode_block: the same calls as forward, without ~10 Python
+        module calls per block) when it is a pre-norm RMSNorm / rotary / SwiGLU block at inference, fp32 on the
+        CPU, with no hook, adapter or oneDNN Linear in it; else None and forward goes on."""
+        attn, mlp = self.attn, self.mlp
+        if (
+            torch.is_grad_enabled() or self.post_norm or self.cross_attn is not None or not self.attn_norm.rms
+            or mlp.act is not F.silu or not mlp.gated or attn.q_norm is not None or attn.keep_weights
+            or x.dtype is not torch.float32 or not x.is_cpu or cache.slots is not None or self.training
+            or torch.compiler.is_compiling() or _global_forward_hooks or _global_forward_pre_hooks
+            or any(m._forward_hooks or m._forward_pre_hooks for m in (self, attn, mlp, self.attn_norm, self.mlp_norm))
+        ):
+            return None
+        linears = [native_linear(m) for m in (attn.qkv, attn.out, mlp.fc_in, mlp.fc_out)]
+        if any(spec is None for spec in linears):
+            return None
+        B = x.shape[0]
+        y = kernels.decode_block(x.view(B, -1), self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps,
+                                 linears, rope[0].reshape(B, -1), rope[1].reshape(B, -1), cache.cache.k[layer],
+                                 cache.cache.v[layer], cache.first, cache.positions.reshape(B), attn.n_head,
+                                 attn.scale)
+        return None if y is None else y.view(B, 1, -1)
+
+
+def native_linear(m: nn.Module) -> tuple | None:
+    """A projection as kernels.decode_block takes it, or None for one it cannot run (LoRA, oneDNN, hooks, not
+    fp32): a plain fp32 nn.Linear, or a quantized Linear's own `native_spec`."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return None
+    if type(m) is nn.Linear:
+        w = m.weight
+        return (0, w, w, w, m.bias, m.out_features, m.in_features, False) if w.dtype is torch.float32 else None
+    spec = getattr(m, "native_spec", None)
+    return spec() if spec is not None else None

@@ -208,6 +208,11 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def native_spec(self) -> tuple:
+        """This Linear as kernels.decode_block takes it (layers.native_linear)."""
+        return (4 if self.KIND == "int4" else 8, self.qweight, self.scale, self.extra, self.bias, self.out_features,
+                self.in_features, self.precise)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.KIND} group 32"
 

@@ -506,6 +506,20 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_c
     return lib.decode_attention(qkv, cos, sin, k_cache, v_cache, first, positions, n_head, scale)
 
 
+def decode_block(x: Tensor, attn_norm: Tensor, mlp_norm: Tensor, eps: float, linears: list[tuple], cos: Tensor,
+                 sin: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, positions: Tensor, n_head: int,
+                 scale: float) -> Tensor | None:
+    """A pre-norm RMSNorm / rotary / SwiGLU block at one token per row, x (B, d) -> (B, d), in one native call
+    (decode.cpp): the same kernels the block's modules call one by one, so the same numbers. `linears`: qkv, out,
+    fc_in, fc_out as layers.native_linear describes them. None without the extension (the caller runs the
+    block's modules)."""
+    lib = _inference_lib()
+    if lib is None:
+        return None
+    return lib.decode_block(x, attn_norm, mlp_norm, eps, linears, cos, sin, k_cache, v_cache, first, positions,
+                            n_head, scale)
+
+
 def silu_mul(x: Tensor) -> Tensor | None:
     """silu(x[..., :F]) * x[..., F:] for a contiguous fp32 CPU x (..., 2F) in one pass, or None where the
     extension cannot serve it fast (missing; or many rows without AVX512, where its exp is scalar): the caller

@@ -13,6 +13,10 @@
 //   -> y (B, H hd) fp32. Query head h reads kv head h / (H / G) (grouped-query attention). Rows never see another
 //   row's columns or a column past their own position, so no mask is needed.
 // silu_mul: x (M, 2F) fp32, gate columns first -> silu(gate) * up (M, F): a gated MLP's middle.
+// decode_block: a whole pre-norm block (Llama's) at one token per row, x (B, d) -> (B, d):
+//   x += out(decode_attention(qkv(rms_norm(x)))),  x += fc_out(silu_mul(fc_in(rms_norm(x))))
+//   with the same calls model/layers.py makes one by one from Python, so the same numbers bit for bit; what it
+//   saves is the ~10 Python module calls per block (at 1 token a row, Python, not arithmetic, was half a step).
 
 #include "kernels.h"
 
@@ -319,6 +323,32 @@ at::Tensor silu_mul(const at::Tensor& x) {
     at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(F, 1)), body);
   }
   return y;
+}
+
+namespace {
+
+at::Tensor project(const Linear& linear, const at::Tensor& x) {
+  const auto& [kind, a, b, c, bias, n, k, precise] = linear;
+  if (kind == 0) return at::linear(x, a, bias);
+  TORCH_CHECK(kind == 4 || kind == 8, "decode_block: unknown Linear kind ", kind);
+  at::Tensor y = kind == 4 ? int4_matmul(x, a, b, c, n, k, precise) : int8_matmul(x, a, b, c, n, k, precise);
+  return bias ? y + *bias : y;  // QuantLinear's y + bias
+}
+
+}  // namespace
+
+at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
+                        const std::vector<Linear>& linears, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t first,
+                        const at::Tensor& positions, int64_t n_head, double scale) {
+  TORCH_CHECK(linears.size() == 4, "decode_block: expected 4 Linears (qkv, out, fc_in, fc_out), got ",
+              linears.size());
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "decode_block: x must be contiguous float32 (B, d), got ", x.scalar_type(), " ", x.sizes());
+  const at::Tensor qkv = project(linears[0], rms_norm_rows(x, attn_norm, eps));
+  const at::Tensor h = x + project(linears[1], decode_attention(qkv, cos, sin, k_cache, v_cache, first, positions,
+                                                               n_head, scale));
+  return h + project(linears[3], silu_mul(project(linears[2], rms_norm_rows(h, mlp_norm, eps))));
 }
 
 }  // namespace lmforge

@@ -10,7 +10,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -32,5 +34,21 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
                             const at::Tensor& v_cache, int64_t first, const at::Tensor& positions, int64_t n_head,
                             double scale);
 at::Tensor silu_mul(const at::Tensor& x);
+
+// One Linear of a decode block: (kind, a, b, c, bias, n, k, precise); kind 0: fp32 weight a (N, K), at::linear;
+// 4: int4 (a, b, c) = (codes, scale, offset); 8: int8 (codes, scale, csum), both qmatmul.cpp's packed layouts.
+using Linear = std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, int64_t, int64_t,
+                          bool>;
+at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
+                        const std::vector<Linear>& linears, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t first,
+                        const at::Tensor& positions, int64_t n_head, double scale);
+
+// qmatmul.cpp's matmuls and RMSNorm, for decode_block
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& scale, const at::Tensor& offset,
+                       int64_t n, int64_t k, bool precise);
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& csum,
+                       int64_t n, int64_t k, bool precise);
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 }  // namespace lmforge

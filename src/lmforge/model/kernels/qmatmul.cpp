@@ -683,6 +683,22 @@ std::string isa() {
 
 }  // namespace
 
+namespace lmforge {
+
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& nib, const at::Tensor& scale, const at::Tensor& offset,
+                       int64_t n, int64_t k, bool precise) {
+  return int4_mm(x, nib, scale, offset, n, k, precise);
+}
+
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& csum,
+                       int64_t n, int64_t k, bool precise) {
+  return int8_mm(x, codes, scale, csum, n, k, precise);
+}
+
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) { return rms_norm(x, weight, eps); }
+
+}  // namespace lmforge
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released around the work: the kernels touch no Python objects, and serving threads can go on.
   m.def("int4_mm", &int4_mm, "int4 weights x int8-quantized activations -> fp32 (M, N)",
@@ -696,6 +712,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &lmforge::decode_attention,
         "one token per row: rope, KV cache write and grouped-query attention over the row's columns (decode.cpp)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("decode_block", &lmforge::decode_block,
+        "a pre-norm Llama-style block at one token per row: norm, qkv, decode_attention, out, residual, norm, "
+        "gated MLP, residual (decode.cpp)", py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &lmforge::silu_mul, "silu(gate) * up of a gated MLP's (M, 2F) projection -> (M, F)",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the compiled code path");
