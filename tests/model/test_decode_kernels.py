@@ -62,7 +62,8 @@ def decode(model: Transformer, kv_dtype: torch.dtype, fused: bool | str, monkeyp
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("n_head", "n_kv_head", "head_dim"), [(4, 2, 16), (3, 3, 32), (6, 2, 12), (2, 1, 64), (2, 2, 128)])
+@pytest.mark.parametrize(("n_head", "n_kv_head", "head_dim"),
+                         [(4, 2, 16), (3, 3, 32), (6, 2, 12), (2, 1, 64), (2, 2, 128)])
 def test_fused_decode_attention_matches_the_model_path(native: bool, kv_dtype: torch.dtype, n_head: int,
                                                        n_kv_head: int, head_dim: int,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,7 +123,8 @@ def test_native_paths_are_taken_and_left_when_a_hook_or_adapter_needs_the_module
     blocks.clear()
     decode(model, torch.float32, True, monkeypatch, steps=2)
     handle.remove()
-    assert len(blocks) == 2 * (model.cfg.n_layer - 1) and len(attention) == 2 and len(seen) == 3 + 2  # three prefills, two steps
+    assert len(blocks) == 2 * (model.cfg.n_layer - 1) and len(attention) == 2
+    assert len(seen) == 3 + 2  # three prefills, two steps
     blocks.clear()
     add_lora(model, LoRAConfig(r=2, targets=["q_proj"]))
     decode(model, torch.float32, True, monkeypatch, steps=1)

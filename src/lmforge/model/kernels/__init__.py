@@ -49,8 +49,16 @@ F.rms_norm is a composite of ~6 ops: ~42 us per call at decode's (1, 1, 576) on 
 step calls it twice per layer); within a few ulps of F.rms_norm (only the sum of squares' order differs), and
 F.rms_norm itself wherever the extension cannot serve (another device or dtype, autograd, no build).
 
+decode.cpp (same extension) fuses the decode step, one token per row: decode_attention (rope on q and k, the KV
+cache write, grouped-query attention over each row's own columns, reading a bf16 or fp32 cache as it is: SDPA
+needed the whole bf16 cache converted to fp32 every step), silu_mul (a gated MLP's middle) and decode_block (a
+whole pre-norm block: the same calls the block's modules make, from one Python call instead of ~10). The model's
+PyTorch path is their fallback and reference (tests/model/test_decode_kernels.py). On the 2-core Xeon, SmolLM2
+int4 at 512 tokens of context: 28-31 ms per token through the modules and SDPA, 22-24 with decode_attention,
+15 with decode_block; 8 rows: 176 -> 39 ms per step.
+
 The extension is compiled by `python -m lmforge.model.kernels --build` (make install runs it) into
-<venv>/lmforge-kernels/<name>/, where <name> hashes the C++ source, the torch and Python versions, the flags
+<venv>/lmforge-kernels/<name>/, where <name> hashes the C++ sources, the torch and Python versions, the flags
 and the CPU's feature flags: an edited source, another torch or a venv moved to another CPU (-march=native!)
 finds no module of its name and falls back, rather than loading a stale or illegal-instruction one. Import of
 this module is cheap: nothing is compiled or loaded until the first call needs it.
@@ -112,7 +120,8 @@ def _cpu_flags() -> str:
 
 def _name() -> str:
     h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in (*_SOURCES, _HEADER)), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
+    sources = (f.read_bytes() for f in (*_SOURCES, _HEADER))
+    for part in (*sources, torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
                  _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
