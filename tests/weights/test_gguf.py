@@ -352,3 +352,20 @@ def test_unsupported_tensor_type_is_refused(tmp_path, original):
     path = write_gguf(tmp_path / "iq4.gguf", tensors, raw=raw)
     with pytest.raises(LmforgeError, match="IQ4_NL"):
         load(path, torch.float32)
+
+
+def test_loading_and_decoding_never_import_the_compiler(tmp_path: Path) -> None:
+    """A CLI run pays for what it imports: building the meta model once pulled in torch._dynamo through the
+    rotary tables (~1 s and ~60 MB). Load a quantized GGUF and decode in a fresh process, then look."""
+    import subprocess
+    import sys
+
+    from tiny import gguf_file
+
+    path = gguf_file(tmp_path / "tiny.gguf")
+    script = ("import sys; from lmforge.weights.load import load; from lmforge.generate import SamplingParams, "
+              "complete; m, t = load(sys.argv[1], dtype='int4'); complete(m, t, [[1, 2, 3]], "
+              "SamplingParams(max_new_tokens=3)); print(sorted(k for k in ('torch._dynamo', 'torch.distributed.fsdp')"
+              " if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

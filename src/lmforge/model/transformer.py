@@ -140,7 +140,12 @@ class Transformer(nn.Module):
         """Derived tables (not weights); recomputed after loading weights into a meta-device model."""
         cfg = self.cfg
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, self.tok_emb.weight.device)
+            device = self.tok_emb.weight.device
+            if device.type == "meta":  # shapes only: computing them on meta goes through torch._refs, which imports
+                # torch._dynamo (~1 s and ~60 MB of a CLI run's start)
+                cos, sin = (torch.empty(cfg.max_seq_len, cfg.head_dim, device=device) for _ in range(2))
+            else:
+                cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, device)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -218,11 +223,13 @@ class Transformer(nn.Module):
         """
         B, T = positions.shape
         if cache is not None:
-            keep = None
-            if B > 1 or T > 1:  # one row, one token: every column up to kv_len is its past
+            keep, is_causal = None, False
+            if T > 1 and cache.kv_len == T and (cache.start == 0 or bool(
+                    (positions == torch.arange(T, device=positions.device)).all())):
+                is_causal = True  # a prefill from column 0: plain causal attention (SDPA skips the masked half)
+            elif B > 1 or T > 1:  # one row, one token: every column up to kv_len is its past
                 keep = (torch.arange(cache.kv_len, device=positions.device) <= positions[:, :, None])[:, None]
             k_pos = torch.arange(cache.kv_len, device=positions.device)[None]
-            is_causal = False
         else:
             keep = padded_keep(attention_mask, causal=True)
             k_pos, is_causal = positions, keep is None and T > 1
