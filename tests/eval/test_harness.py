@@ -92,7 +92,7 @@ def test_option_logliks_equal_transformers(tiny):
 
 
 def test_rows_scored_together_equal_transformers(tiny):
-    """score_rows: every row's prompt in one padded forward, every option of every row in a second one."""
+    """score_rows: every row's prompt and options in one forward over their prefix tree."""
     _, model, tok, hf = tiny
     rows = []
     for prompt_text, options in CHOICE_ROWS:
@@ -105,6 +105,64 @@ def test_rows_scored_together_equal_transformers(tiny):
     together += [(prompt, ids), (prompt, [[ord("x")], ids[0]])]  # a prompt seen again; a one-token option
     for (prompt, ids), ours in zip(together, harness.score_rows(model, together), strict=True):
         np.testing.assert_allclose(ours, [hf_loglik(hf, prompt, o) for o in ids], atol=1e-4, rtol=0)
+
+
+def test_prefix_tree_merges_shared_prefixes_and_sees_only_ancestors():
+    tree = harness.PrefixTree()
+    a = tree.add([5, 6, 7])
+    b = tree.add([5, 6, 8])
+    assert tree.add([5, 6, 7]) == a and b[:2] == a[:2] and b[2] == 3  # 4 nodes for 9 tokens
+    c = tree.add([9], under=a[-1])
+    assert tree.token == [5, 6, 7, 8, 9] and tree.depth == [0, 1, 2, 2, 3] and tree.parent == [-1, 0, 1, 1, 2]
+    assert c == [4]
+    keep = tree.keep()
+    assert keep.tolist() == [[True, False, False, False, False],
+                             [True, True, False, False, False],
+                             [True, True, True, False, False],
+                             [True, True, False, True, False],  # 8 sees its prefix, not its sibling 7
+                             [True, True, True, False, True]]
+
+
+def test_a_packed_tree_computes_what_each_sequence_computes_alone(tiny):
+    """The model with an explicit mask (each token sees its ancestors, positions = depth): every node's hidden
+    state is its sequence's own causal one; a mask with a cache is refused."""
+    _, model, _, _ = tiny
+    seqs = [[72, 101, 108, 108, 111], [72, 101, 121], [72, 101, 108, 112, 33, 33]]
+    tree = harness.PrefixTree()
+    nodes = [tree.add(seq) for seq in seqs]
+    with torch.no_grad():
+        packed = model(torch.tensor([tree.token]), torch.tensor([tree.depth]), head="hidden",
+                       keep=tree.keep()[None, None])[0]
+        for seq, seq_nodes in zip(seqs, nodes, strict=True):
+            alone = model(torch.tensor([seq]), head="hidden")[0]
+            torch.testing.assert_close(packed[seq_nodes], alone, rtol=1e-5, atol=1e-5)
+        cache = model.new_cache(1, 8)
+        positions = torch.arange(3)[None]
+        with pytest.raises(LmforgeError, match="explicit attention mask"):
+            model(torch.tensor([[1, 2, 3]]), positions, cache.step(0, positions), keep=torch.ones(1, 1, 3, 3).bool())
+
+
+def test_rows_sharing_prefixes_score_as_each_row_alone(tiny, monkeypatch):
+    """Repeated prompts, prompts extending one another and options that start alike share nodes, in trees split
+    across several forwards: each row's scores are its own, in the rows' order."""
+    _, model, tok, _ = tiny
+    texts = [("Question: the sky is", ["blue sky", "blue sea", "green"]), ("Question: the sea is", ["blue", "wet"]),
+             ("Question: the sky is", ["blue sky", "grey"]), ("Question: the", ["end", "sky is blue"])]
+    rows = []
+    for prompt_text, options in texts:
+        pairs = [split_pair(tok, prompt_text, o) for o in options]
+        rows.append((pairs[0][0], [o for _, o in pairs]))
+    alone = [harness.score_rows(model, [row])[0] for row in rows]
+    monkeypatch.setattr(harness, "TREE_NODES", 30)  # several trees for these rows
+    forwards = []
+    real = harness._score_tree
+    monkeypatch.setattr(harness, "_score_tree", lambda *a: (forwards.append(len(a[1].token)), real(*a))[1])
+    together = harness.score_rows(model, rows)
+    assert len(forwards) > 1
+    unshared = sum(len(p) + sum(len(o) - 1 for o in opts) for p, opts in rows)
+    assert sum(forwards) < unshared  # sharing happened
+    for got, want in zip(together, alone, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_choice_accuracy_on_rows_whose_answer_is_known(tmp_path, tiny):
@@ -239,9 +297,9 @@ def test_choice_resume_scores_only_new_rows(tmp_path, tiny, monkeypatch):
     scored: list[list[int]] = []
     real = harness.score_rows
 
-    def counting(model, rows, cache=None):
+    def counting(model, rows):
         scored.extend(prompt for prompt, _ in rows)
-        return real(model, rows, cache)
+        return real(model, rows)
 
     monkeypatch.setattr(harness, "score_rows", counting)
     whole = evaluate(write_rows(tmp_path / "all.jsonl", rows), "choice", model, tok)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity
@@ -61,7 +62,6 @@ from lmforge.weights.registry import DEFAULT_EMBED_MODEL
 
 if TYPE_CHECKING:
     from lmforge.client import Client
-    from lmforge.model.cache import KVCache
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer import Tokenizer
 
@@ -356,61 +356,100 @@ def split_pair(tokenizer: Tokenizer, prompt: str, option: str) -> tuple[list[int
     return context, tokenizer.encode(continuation, add_special_tokens=False)  # the merge crossed the boundary
 
 
-CACHE_CELLS = 8192  # slots x columns of one scoring batch's KV cache: ~0.4 GB for SmolLM2 at fp32
+GROUP_TOKENS = 4096  # prompt + option tokens (counted unshared) of the rows one score_rows call gets
+TREE_NODES = 128  # prefix-tree nodes per forward: attention over the packed row costs O(nodes^2) (dense mask)
 
 
 @torch.inference_mode()
-def score_options(model: Transformer, prompt: list[int], options: list[list[int]], cache: KVCache | None = None
-                  ) -> list[float]:
+def score_options(model: Transformer, prompt: list[int], options: list[list[int]]) -> list[float]:
     """Summed log p(option tokens | prompt) for each option of one row (see score_rows)."""
-    return score_rows(model, [(prompt, options)], cache)[0]
+    return score_rows(model, [(prompt, options)])[0]
+
+
+class PrefixTree:
+    """Token sequences merged on their shared prefixes: node i holds token[i] at depth[i] (its position) below
+    parent[i] (-1 for a first token). Packed into one row, a node that sees exactly its ancestors and itself
+    computes what it would at the end of its own sequence, so every shared prefix runs once."""
+
+    def __init__(self) -> None:
+        self.token: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        self.children: list[dict[int, int]] = []
+        self.roots: dict[int, int] = {}
+
+    def add(self, tokens: list[int], under: int = -1) -> list[int]:
+        """Insert `tokens` below node `under` (-1: from the root) -> the node of each token."""
+        nodes = []
+        for t in tokens:
+            below = self.roots if under < 0 else self.children[under]
+            node = below.get(t)
+            if node is None:
+                node = below[t] = len(self.token)
+                self.token.append(t)
+                self.parent.append(under)
+                self.depth.append(self.depth[under] + 1 if under >= 0 else 0)
+                self.children.append({})
+            nodes.append(node)
+            under = node
+        return nodes
+
+    def keep(self, device: torch.device | None = None) -> Tensor:
+        """(T, T) bool: node i sees node j iff j is i or one of its ancestors (parents come before children)."""
+        T = len(self.token)
+        keep = torch.zeros(T, T, dtype=torch.bool)
+        for i, parent in enumerate(self.parent):
+            if parent >= 0:
+                keep[i] = keep[parent]
+            keep[i, i] = True
+        return keep.to(device)
 
 
 @torch.inference_mode()
-def score_rows(model: Transformer, rows: list[tuple[list[int], list[list[int]]]], cache: KVCache | None = None
-               ) -> list[list[float]]:
-    """Summed log p(option tokens | prompt) for each option of each row, in two forwards for all the rows: each
-    distinct prompt once (right-padded, one cache slot each), which also gives every option's first token; then
-    the later tokens of every multi-token option over its prompt's keys/values (copied to a slot per option). A
-    pad only ever sits after real tokens, at cache columns no real token attends to (or overwrites first)."""
+def score_rows(model: Transformer, rows: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+    """Summed log p(option tokens | prompt) for each option of each row, in one forward: the prompts and each
+    option's tokens but its last go into one prefix tree (shared prefixes, repeated prompts and options that
+    start alike run once; no padding), and the LM head reads only the nodes whose next token is scored."""
     if model.cfg.family != "decoder":
         raise LmforgeError("choice scoring needs a decoder-only model")
     if not rows or not all(prompt and options and all(options) for prompt, options in rows):
         raise LmforgeError("choice scoring needs a prompt and non-empty options")
-    P = max(len(prompt) for prompt, _ in rows)
-    L = max(len(o) for _, options in rows for o in options)
-    if P + L - 1 > model.cfg.max_seq_len:  # the padded shapes too: their positions must exist
-        raise LmforgeError(f"prompt ({P} tokens) and option ({L}) do not fit the context of {model.cfg.max_seq_len}")
-    prompts = list(dict.fromkeys(tuple(prompt) for prompt, _ in rows))  # rows that share a prompt share its pass
-    slot_of = {prompt: slot for slot, prompt in enumerate(prompts)}
-    later = [(i, j) for i, (_, options) in enumerate(rows) for j, o in enumerate(options) if len(o) > 1]
-    slots = len(prompts) + len(later)
-    if cache is None or cache.slots < slots or cache.max_len < P + L:
-        cache = model.new_cache(slots, P + L)
-    device = model.tok_emb.weight.device
-    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
-    tokens = torch.tensor([list(prompt) + [0] * (P - len(prompt)) for prompt in prompts], device=device)  # (U, P)
-    positions = torch.arange(P, device=device)[None].expand(len(prompts), -1)
-    view = cache.gather(list(range(len(prompts))), positions, kv_len=P)
-    first = F.log_softmax(model(tokens, positions, view, read_at=lengths - 1).float(), -1)  # (U, V)
-    scores = [[float(first[slot_of[tuple(prompt)], o[0]]) for o in options] for prompt, options in rows]
-    if later:
-        source = torch.tensor([slot_of[tuple(rows[i][0])] for i, _ in later], device=device)
-        own = slice(len(prompts), slots)  # each multi-token option's slot starts from its prompt's keys/values
-        cache.k[:, own, :, :P] = cache.k[:, source, :, :P]
-        cache.v[:, own, :, :P] = cache.v[:, source, :, :P]
-        options = [rows[i][1][j] for i, j in later]
-        M = max(map(len, options))
-        inputs = torch.tensor([o[:-1] + [0] * (M - len(o)) for o in options], device=device)  # (N, M-1)
-        targets = torch.tensor([o[1:] + [0] * (M - len(o)) for o in options], device=device)
-        real = torch.tensor([[t < len(o) - 1 for t in range(M - 1)] for o in options], device=device)
-        positions = lengths[source][:, None] + torch.arange(M - 1, device=device)[None]  # (N, M-1)
-        view = cache.gather(list(range(len(prompts), slots)), positions, kv_len=P + M - 1)
-        logits = model(inputs, positions, view)  # (N, M-1, V)
-        rest = (F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0] * real).sum(1)  # (N,)
-        for (i, j), extra in zip(later, rest.tolist(), strict=True):
-            scores[i][j] += extra
+    for prompt, options in rows:
+        P, L = len(prompt), max(map(len, options))
+        if P + L - 1 > model.cfg.max_seq_len:  # the option's last token is only a target
+            raise LmforgeError(f"prompt ({P} tokens) and option ({L}) do not fit the context of "
+                               f"{model.cfg.max_seq_len}")
+    scores: list[list[float]] = [[] for _ in rows]
+    # in sorted order, rows that share a prefix sit together: each tree takes the next rows while it stays small
+    order = sorted(range(len(rows)), key=lambda i: rows[i][0])
+    tree, members, reads = PrefixTree(), [], []
+    for k, i in enumerate(order):
+        prompt, options = rows[i]
+        end = tree.add(prompt)[-1]
+        reads.append([[end, *tree.add(o[:-1], end)] for o in options])  # the nodes that predict each token
+        members.append(i)
+        if k + 1 == len(order) or len(tree.token) >= TREE_NODES:
+            for j, row_scores in zip(members, _score_tree(model, tree, reads, [rows[j][1] for j in members]),
+                                     strict=True):
+                scores[j] = row_scores
+            tree, members, reads = PrefixTree(), [], []
     return scores
+
+
+def _score_tree(model: Transformer, tree: PrefixTree, reads: list[list[list[int]]], options: list[list[list[int]]]
+                ) -> list[list[float]]:
+    """One forward over the packed tree; the LM head only at the nodes whose next token is scored."""
+    device = model.tok_emb.weight.device
+    tokens = torch.tensor([tree.token], device=device)
+    positions = torch.tensor([tree.depth], device=device)
+    hidden = model(tokens, positions, head="hidden", keep=tree.keep(device)[None, None])[0]  # (T, d)
+    nodes = sorted({n for row in reads for option in row for n in option})
+    at = {n: i for i, n in enumerate(nodes)}
+    logp = F.log_softmax(model.lm_logits(hidden[nodes]).float(), -1)  # (nodes read, V)
+    pairs = [(at[n], t) for row, row_options in zip(reads, options, strict=True)
+             for option_nodes, o in zip(row, row_options, strict=True) for n, t in zip(option_nodes, o, strict=True)]
+    picked = iter(logp[[i for i, _ in pairs], [t for _, t in pairs]].tolist())  # each option token's log p, in order
+    return [[sum(next(picked) for _ in o) for o in row_options] for row_options in options]
 
 
 def _fit(prompt: list[int], options: list[list[int]], context: int, where: str) -> list[int]:
@@ -566,22 +605,23 @@ def _encode_choice(ex: Example, tokenizer: Tokenizer, context: int) -> tuple[lis
 
 def _choice_records(examples: list[Example], model: Transformer, tokenizer: Tokenizer) -> Iterator[dict[str, Any]]:
     encoded = [_encode_choice(ex, tokenizer, model.cfg.max_seq_len) for ex in examples]  # all bad rows before work
-    # rows go through the model together while their cache (options x (prompt + option) columns) stays small
+    # rows go through the model together while their prefix tree stays small (counted without the sharing)
     group: list[int] = []
+    size = 0
     for i in range(len(encoded)):
         group.append(i)
+        prompt, options = encoded[i]
+        size += len(prompt) + sum(len(o) - 1 for o in options)
         upcoming = encoded[i + 1] if i + 1 < len(encoded) else None
         if upcoming is not None:
-            wider = [encoded[j] for j in group] + [upcoming]
-            P, L = max(len(p) for p, _ in wider), max(len(x) for _, o in wider for x in o)
-            slots = len({tuple(p) for p, _ in wider}) + sum(len(x) > 1 for _, o in wider for x in o)  # as score_rows
-            if slots * (P + L) <= CACHE_CELLS and P + L - 1 <= model.cfg.max_seq_len:
+            more = len(upcoming[0]) + sum(len(o) - 1 for o in upcoming[1])
+            if size + more <= GROUP_TOKENS:
                 continue
         for j, scores in zip(group, score_rows(model, [encoded[j] for j in group]), strict=True):
             ex, options = examples[j], encoded[j][1]
             yield {"prompt": ex.prompt, "options": ex.options, "target": ex.target, "loglik": scores,
                    "tokens": [len(o) for o in options]}
-        group = []
+        group, size = [], 0
 
 
 def evaluate_examples(

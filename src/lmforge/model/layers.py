@@ -264,6 +264,7 @@ class Block(nn.Module):
             torch.is_grad_enabled() or self.post_norm or self.cross_attn is not None or not self.attn_norm.rms
             or mlp.act is not F.silu or not mlp.gated or attn.q_norm is not None or attn.keep_weights
             or x.dtype is not torch.float32 or not x.is_cpu or cache.slots is not None or self.training
+            or self.attn_norm.weight.dtype is not torch.float32 or self.mlp_norm.weight.dtype is not torch.float32
             or torch.compiler.is_compiling() or _global_forward_hooks or _global_forward_pre_hooks
             or any(m._forward_hooks or m._forward_pre_hooks for m in (self, attn, mlp, self.attn_norm, self.mlp_norm))
         ):

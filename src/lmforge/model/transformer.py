@@ -214,14 +214,21 @@ class Transformer(nn.Module):
         return self.enc_norm(x) if self.enc_norm is not None else x
 
     def decoder_mask(
-        self, positions: Tensor, cache: CacheStep | None, attention_mask: Tensor | None, dtype: torch.dtype
+        self, positions: Tensor, cache: CacheStep | None, attention_mask: Tensor | None, dtype: torch.dtype,
+        keep: Tensor | None = None,
     ) -> tuple[Tensor | None, bool]:
         """Self-attention mask of the decoder -> (bool keep or float bias, is_causal).
 
         With a cache, key column j holds position j of the row, so a query at position p sees columns <= p.
-        Without one, the keys are this call's own tokens: causal by index, pads hidden.
+        Without one, the keys are this call's own tokens: causal by index, pads hidden, or exactly `keep`
+        (B, 1, T, T) when the caller gives it (a prefix tree of sequences packed into one row: each token sees
+        its ancestors, eval/harness.py).
         """
         B, T = positions.shape
+        if keep is not None:
+            if cache is not None or attention_mask is not None or self.dec_rel is not None:
+                raise LmforgeError("an explicit attention mask goes without a cache, padding or relative positions")
+            return keep, False
         if cache is not None:
             keep, is_causal = None, False
             if T > 1 and cache.kv_len == T and (cache.start == 0 or bool(
@@ -268,6 +275,7 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,  # (B, T) 1 = real token; only without a cache
         memory: Tensor | None = None,  # (B, S_enc, d) encoder output (encoder-decoder)
         memory_mask: Tensor | None = None,  # (B, S_enc)
+        keep: Tensor | None = None,  # (B, 1, T, T) bool: which of this call's tokens each token sees (no cache)
     ) -> Tensor:
         """Causal decoder over new tokens, writing their keys/values into the cache when given -> (B, T, d)."""
         assert self.decoder is not None, "this model has no decoder"
@@ -275,11 +283,11 @@ class Transformer(nn.Module):
             raise LmforgeError("with a KV cache, rows carry their own positions: no attention_mask (no padding)")
         if positions is None:
             positions = cache.positions if cache is not None else default_positions(tokens, attention_mask)
-        if cache is None:
-            self.check_positions(positions[:, -1:])
+        if cache is None:  # a packed tree's deepest node may sit anywhere
+            self.check_positions(positions if keep is not None else positions[:, -1:])
         x = self.embed(tokens, positions)
         rope = self.rope(positions, x.dtype)
-        mask, is_causal = self.decoder_mask(positions, cache, attention_mask, x.dtype)
+        mask, is_causal = self.decoder_mask(positions, cache, attention_mask, x.dtype, keep)
         memory_kv, memory_keep = None, None
         if self.cfg.family == "encoder-decoder":
             memory_kv, memory_keep = self.cross_memory(memory, memory_mask, cache)
@@ -331,6 +339,7 @@ class Transformer(nn.Module):
         decoder_tokens: Tensor | None = None,  # encoder-decoder: (B, T_dec)
         head: Head | None = None,  # default: lm for decoders, mlm (if present) or hidden for encoders
         read_at: int | Tensor | None = None,  # decoders: read the head only at this index of T (int or (B,))
+        keep: Tensor | None = None,  # decoders without a cache: (B, 1, T, T) bool, the keys each token sees
     ) -> Tensor:
         """tokens -> the chosen head's output: lm/mlm logits (B, T, V), classify (B, n_labels) for encoders
         and (B, T, n_labels) for decoders' score head, pool (B, d), hidden (B, T, d). With `read_at` a
@@ -351,7 +360,7 @@ class Transformer(nn.Module):
             raise LmforgeError(f"an encoder has no {head!r} head")
         if cfg.family == "decoder":
             assert tokens is not None
-            hidden = self.decoder_forward(tokens, positions, cache, attention_mask)
+            hidden = self.decoder_forward(tokens, positions, cache, attention_mask, keep=keep)
         else:
             if decoder_tokens is None:
                 raise LmforgeError("an encoder-decoder needs decoder_tokens")
