@@ -8,8 +8,10 @@ whale / trout / eagle / frog.
 
 - lmforge: `lmforge.eval.harness.evaluate(rows, kind="choice", ...)` on the model from
   `load("smollm2-135m-instruct", dtype=...)`, timed from the JSONL file to the summary (tokenizing included).
-  One row at a time: its prompt runs through the model once and its options as one batch over the prompt's KV
-  cache (--batch-size only sets how many rows go between progress updates there). Rows for float32 and int4.
+  Rows go through the model as prefix trees: prompts and options packed into one row per forward, each token
+  seeing only its own sequence's earlier tokens, so every shared prefix (a repeated question, a template's
+  common start, options that begin alike) runs once and nothing is padded (--batch-size only sets how many rows
+  go between progress updates there). Rows for float32 and int4.
 - lm-eval: `HFLM(pretrained=<HF folder>, device="cpu", batch_size=B, dtype="float32").loglikelihood(requests)`
   with the same (context, " option") pairs lmforge scores (lm-eval's own multiple_choice convention: the
   continuation is target_delimiter " " + choice), timed around that call: exactly the log-likelihood work, the
