@@ -154,6 +154,7 @@ def test_rows_sharing_prefixes_score_as_each_row_alone(tiny, monkeypatch):
         rows.append((pairs[0][0], [o for _, o in pairs]))
     alone = [harness.score_rows(model, [row])[0] for row in rows]
     monkeypatch.setattr(harness, "TREE_NODES", 30)  # several trees for these rows
+    monkeypatch.setattr(harness, "MAX_TREE_NODES", 40)
     forwards = []
     real = harness._score_tree
     monkeypatch.setattr(harness, "_score_tree", lambda *a: (forwards.append(len(a[1].token)), real(*a))[1])
@@ -163,6 +164,25 @@ def test_rows_sharing_prefixes_score_as_each_row_alone(tiny, monkeypatch):
     assert sum(forwards) < unshared  # sharing happened
     for got, want in zip(together, alone, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_long_shared_prefix_keeps_rows_in_one_tree(tiny, monkeypatch):
+    """Few-shot rows (one long block of shots, then each question) stay in one tree past TREE_NODES: the shared
+    block runs once; rows that share nothing split into several trees."""
+    _, model, tok, _ = tiny
+    shots = "Q: red? A: colour. Q: six? A: number. "
+    few_shot = [(tok.encode(shots + f"Q: {w}? A:"), [tok.encode(" colour"), tok.encode(" number")])
+                for w in ("blue", "ten", "pink")]
+    unrelated = [(tok.encode(w * 6), [tok.encode(" a"), tok.encode(" b")]) for w in ("xy", "pq", "mn")]
+    monkeypatch.setattr(harness, "TREE_NODES", 8)
+    forwards = []
+    real = harness._score_tree
+    monkeypatch.setattr(harness, "_score_tree", lambda *a: (forwards.append(len(a[1].token)), real(*a))[1])
+    harness.score_rows(model, few_shot)
+    assert len(forwards) == 1 and forwards[0] < sum(len(p) for p, _ in few_shot)
+    forwards.clear()
+    harness.score_rows(model, unrelated)
+    assert len(forwards) == 3
 
 
 def test_choice_accuracy_on_rows_whose_answer_is_known(tmp_path, tiny):

@@ -357,7 +357,11 @@ def split_pair(tokenizer: Tokenizer, prompt: str, option: str) -> tuple[list[int
 
 
 GROUP_TOKENS = 4096  # prompt + option tokens (counted unshared) of the rows one score_rows call gets
-TREE_NODES = 128  # prefix-tree nodes per forward: attention over the packed row costs O(nodes^2) (dense mask)
+# A tree runs as one row under a dense (nodes x nodes) mask, so every node pays attention over all nodes: a tree
+# grows past TREE_NODES only while a row's shared prefix saves more than its new nodes cost there (a few-shot
+# block shared by every row always does), and never past MAX_TREE_NODES.
+TREE_NODES = 128
+MAX_TREE_NODES = 4096
 
 
 @torch.inference_mode()
@@ -394,6 +398,16 @@ class PrefixTree:
             under = node
         return nodes
 
+    def shared(self, tokens: list[int]) -> int:
+        """How many leading `tokens` are already in the tree."""
+        below, n = self.roots, 0
+        for t in tokens:
+            node = below.get(t)
+            if node is None:
+                break
+            below, n = self.children[node], n + 1
+        return n
+
     def keep(self, device: torch.device | None = None) -> Tensor:
         """(T, T) bool: node i sees node j iff j is i or one of its ancestors (parents come before children)."""
         T = len(self.token)
@@ -419,20 +433,30 @@ def score_rows(model: Transformer, rows: list[tuple[list[int], list[list[int]]]]
         if P + L - 1 > model.cfg.max_seq_len:  # the option's last token is only a target
             raise LmforgeError(f"prompt ({P} tokens) and option ({L}) do not fit the context of "
                                f"{model.cfg.max_seq_len}")
+    cfg = model.cfg
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    per_token = cfg.d_model * (2 * q + 2 * kv) + (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_ff  # MACs / layer
+    per_key = 2 * q  # MACs / layer of one node attending to one more node
     scores: list[list[float]] = [[] for _ in rows]
-    # in sorted order, rows that share a prefix sit together: each tree takes the next rows while it stays small
-    order = sorted(range(len(rows)), key=lambda i: rows[i][0])
     tree, members, reads = PrefixTree(), [], []
-    for k, i in enumerate(order):
+
+    def flush() -> None:
+        for j, row_scores in zip(members, _score_tree(model, tree, reads, [rows[j][1] for j in members]), strict=True):
+            scores[j] = row_scores
+
+    for i in sorted(range(len(rows)), key=lambda i: rows[i][0]):  # rows that share a prefix sit together
         prompt, options = rows[i]
+        shared = tree.shared(prompt)
+        new = len(prompt) - shared + sum(len(o) - 1 for o in options)
+        grown = len(tree.token) + new
+        if members and grown > TREE_NODES and (grown > MAX_TREE_NODES or
+                                               shared * per_token < 2 * new * grown * per_key):
+            flush()
+            tree, members, reads = PrefixTree(), [], []
         end = tree.add(prompt)[-1]
         reads.append([[end, *tree.add(o[:-1], end)] for o in options])  # the nodes that predict each token
         members.append(i)
-        if k + 1 == len(order) or len(tree.token) >= TREE_NODES:
-            for j, row_scores in zip(members, _score_tree(model, tree, reads, [rows[j][1] for j in members]),
-                                     strict=True):
-                scores[j] = row_scores
-            tree, members, reads = PrefixTree(), [], []
+    flush()
     return scores
 
 
