@@ -170,7 +170,7 @@ def test_a_long_shared_prefix_keeps_rows_in_one_tree(tiny, monkeypatch):
     """Few-shot rows (one long block of shots, then each question) stay in one tree past TREE_NODES: the shared
     block runs once; rows that share nothing split into several trees."""
     _, model, tok, _ = tiny
-    shots = "Q: red? A: colour. Q: six? A: number. "
+    shots = "Q: red? A: colour. Q: six? "
     few_shot = [(tok.encode(shots + f"Q: {w}? A:"), [tok.encode(" colour"), tok.encode(" number")])
                 for w in ("blue", "ten", "pink")]
     unrelated = [(tok.encode(w * 6), [tok.encode(" a"), tok.encode(" b")]) for w in ("xy", "pq", "mn")]
