@@ -6,6 +6,12 @@ then timed in pairs of back-to-back passes over all sentences (alternating which
 host slows both alike. The table shows each engine's best and median pass and the median of the per-pair
 speed ratios, the figure least moved by other load on the machine.
 
+OpenVINO, the backend sentence-transformers offers for CPUs (`backend="openvino"`, through optimum-intel), gets a
+row too when the `openvino` package is importable (`pip install -e ".[bench]"`; a benchmark-only peer, skipped
+with a note otherwise): the same checkpoint converted in memory with `openvino.convert_model`, compiled for the
+CPU with the same thread count and OpenVINO's own precision choice (bf16 where the CPU has it, else fp32), the
+same tokenizer and the same mean pooling + L2 normalisation as sentence-transformers, timed in the same pairs.
+
     .venv/bin/python benchmarks/embed.py [--n 2000] [--batch-size 64] [--runs 5]
 """
 
@@ -51,6 +57,37 @@ def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
     return time.perf_counter() - start, result
 
 
+def openvino_encoder(path: str, texts: list[str], batch_size: int) -> tuple[Callable[[], np.ndarray], str] | None:
+    """(encode all texts, OpenVINO's inference precision) for the checkpoint at `path`, or None without openvino."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModel.from_pretrained(path).eval()
+    example = dict(tok(texts[:2], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        converted = ov.convert_model(hf, example_input=example)
+    core = ov.Core()
+    compiled = core.compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16, ...
+    names = [i.get_any_name() for i in compiled.inputs]
+
+    def encode() -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="np")
+            hidden = compiled({n: enc[n] for n in names})[0]  # (B, T, d)
+            mask = enc["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+        return np.concatenate(out)
+
+    return encode, precision
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="sentences to encode per pass")
@@ -77,19 +114,30 @@ def main() -> None:
     warm = texts[: 4 * args.batch_size]
     embed(warm, model=MODEL, batch_size=args.batch_size)
     st.encode(warm, batch_size=args.batch_size, show_progress_bar=False)
+    engines: list[tuple[str, Callable[[], np.ndarray]]] = [("lmforge", ours), ("sentence-transformers", theirs)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ov_engine = openvino_encoder(str(path), texts, args.batch_size)
+    notes = []
+    if ov_engine is None:
+        notes.append("OpenVINO row skipped: `openvino` is not installed (pip install -e \".[bench]\")")
+    else:
+        name = f"OpenVINO ({ov_engine[1]})"
+        engines.append((name, ov_engine[0]))
+        ov_engine[0]()  # warm-up: the first inference compiles its kernels
 
-    times: dict[str, list[float]] = {"lmforge": [], "sentence-transformers": []}
+    times: dict[str, list[float]] = {name: [] for name, _ in engines}
     results: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engines = [("lmforge", ours), ("sentence-transformers", theirs)]
         for run in range(args.runs):
             for name, fn in engines if run % 2 == 0 else engines[::-1]:
                 seconds, results[name] = timed(fn)
                 times[name].append(seconds)
 
-    a, b = results["lmforge"], results["sentence-transformers"]
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    def max_distance(a: np.ndarray, b: np.ndarray) -> float:  # 1 - cosine, worst sentence
+        return float(1 - ((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
     _, tok = load_encoder(MODEL)
     mean_tokens = statistics.mean(len(ids) for ids in tok.encode_batch(texts))
 
@@ -99,13 +147,19 @@ def main() -> None:
     table.add_column("best sent/s", justify="right")
     table.add_column("median sent/s", justify="right")
     table.add_column("vs ST", justify="right")  # median of the per-pair ratios
+    table.add_column("lmforge vs it", justify="right")
+    table.add_column("max 1-cos vs ST", justify="right")
     reference = times["sentence-transformers"]
     for name, t in times.items():
         ratio = statistics.median(r / s for r, s in zip(reference, t, strict=True))
-        table.add_row(name, f"{args.n / min(t):.0f}", f"{args.n / statistics.median(t):.0f}", f"{ratio:.2f}x")
+        ours_vs = statistics.median(r / s for r, s in zip(t, times["lmforge"], strict=True))
+        table.add_row(name, f"{args.n / min(t):.0f}", f"{args.n / statistics.median(t):.0f}", f"{ratio:.2f}x",
+                      "" if name == "lmforge" else f"{ours_vs:.2f}x",
+                      f"{max_distance(results[name], results['sentence-transformers']):.1e}")
     console = Console()
     console.print(table)
-    console.print(f"min cosine(lmforge, sentence-transformers) over all sentences: {cosine.min():.6f}")
+    for note in notes:
+        console.print(note)
 
 
 if __name__ == "__main__":
