@@ -1,7 +1,7 @@
 // The decode step's small ops, fused: at one token per row each of them is a few microseconds of arithmetic
 // behind tens of microseconds of PyTorch dispatch, allocation and (for a bf16 KV cache) a conversion of every
 // cached key and value to fp32 before SDPA can read them. The model's own PyTorch code (model/layers.py) is the
-// fallback and the reference: the same math, equal within fp32 rounding (tests/model/test_kernels.py).
+// fallback and the reference: the same math, equal within fp32 rounding (tests/model/test_decode_kernels.py).
 //
 // decode_attention: one new token per row of a self-attention layer with rotary positions and a KV cache.
 //   qkv (B, (H + 2 G) hd) fp32: the fused projection's output, q heads then k heads then v heads;
