@@ -228,10 +228,17 @@ def test_quantize_ties_zero_blocks_and_native_bits(native: bool) -> None:
     assert torch.equal(S, q.reshape(5, -1, 32).sum(-1, dtype=torch.int32))
     assert int(q.abs().max()) == 127
     need(native)
+    odd = torch.randn(2, 64)
+    odd[0, 3], odd[1, 50] = float("nan"), float("nan")  # block 0's first half, block 1's second half
     for xs in (x, x.bfloat16(), torch.randn(33, 1536) * 1e3, torch.randn(1, 32) * 1e-20):
         qn, dn, Sn = K.quantize_activations(xs)
         qf, df, Sf = K.quantize_activations(xs, native=False)
         assert torch.equal(qn, qf) and torch.equal(dn, df) and torch.equal(Sn, Sf)
+    # a NaN in either half of a block (the vector max would hide one): the scalar path's answer
+    qn, dn, Sn = K.quantize_activations(odd)
+    qf, df, Sf = K.quantize_activations(odd, native=False)
+    assert torch.equal(qn, qf) and torch.equal(Sn, Sf) and torch.equal(dn.isnan(), df.isnan())
+    assert torch.equal(dn.nan_to_num(), df.nan_to_num())
 
 
 def test_quantize_precise_second_pass_and_native_bits(native: bool) -> None:
