@@ -2,9 +2,11 @@
 
 lmforge and transformers run in this one process on the same weights, so the host's speed of the day
 cancels out of their ratios. Prefill: one 512-token prompt. Decode: batch 1, 128 greedy tokens after that prompt,
-timed as (prefill + 128 tokens) - prefill, median of 3 runs. The llama.cpp row is llama.cpp's own
-`llama-bench` on the same GGUF file and thread count (its pp512, and tg128 decoded after the prompt's 512
-tokens: mean of --runs after a warm-up); skipped until built: `.venv/bin/python benchmarks/llamacpp.py --build`.
+median of 3 runs. lmforge times its engine's first step (the prompt and the first token) and the decode steps after
+it apart, as llama-bench times pp and tg; transformers' generate() is timed as (prefill + 128 tokens) - prefill.
+The llama.cpp row is llama.cpp's own `llama-bench` on the same GGUF file and thread count (its pp512, and tg128
+decoded after the prompt's 512 tokens: mean of --runs after a warm-up); skipped until built:
+`.venv/bin/python benchmarks/llamacpp.py --build`.
 
 Each lmforge precision (--dtypes) gets a row, with its load time (in this process, file cached) and the peak
 RSS of `lmforge generate --dtype D` on a short prompt (a fresh process each).
@@ -81,17 +83,22 @@ def bench_lmforge(prompt: list[int], n_new: int, runs: int, dtype: str, compile:
     model, _ = load(MODEL, dtype=dtype)
     LOAD_SECONDS[dtype] = time.perf_counter() - start
     greedy = SamplingParams(max_new_tokens=n_new, temperature=0)
-    first = SamplingParams(max_new_tokens=1, temperature=0)
 
-    def run(params: SamplingParams) -> None:  # the engine as generate() drives it: one request, batch 1
+    def run() -> tuple[float, float]:  # the engine as generate() drives it: one request, batch 1
         engine = Engine(model, max_batch=1, eos_ids=[], compile=compile)
-        engine.add(prompt, params)
+        engine.add(prompt, greedy)
+        start = time.perf_counter()
+        engine.step()  # the whole prompt (one chunk) and the first token
+        prefilled = time.perf_counter()
         while engine.has_work():
             engine.step()
+        return prefilled - start, time.perf_counter() - prefilled
 
-    if compile:
-        run(greedy)  # compile outside the timing (and a second shape for dynamic sizes)
-    return rates(lambda: run(first), lambda: run(greedy), len(prompt), n_new, runs)
+    run()  # warm-up (and, with --compile, the compilation)
+    times = [run() for _ in range(runs)]
+    # timed separately, as llama-bench's pp and tg are: a prefill's noise never lands in the decode rate
+    return (len(prompt) / statistics.median(t for t, _ in times),
+            (n_new - 1) / statistics.median(t for _, t in times))
 
 
 def bench_transformers(prompt: list[int], n_new: int, runs: int, dtype: str) -> tuple[float, float]:
