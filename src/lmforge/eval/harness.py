@@ -422,9 +422,10 @@ class PrefixTree:
 
 @torch.inference_mode()
 def score_rows(model: Transformer, rows: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
-    """Summed log p(option tokens | prompt) for each option of each row, in one forward: the prompts and each
-    option's tokens but its last go into one prefix tree (shared prefixes, repeated prompts and options that
-    start alike run once; no padding), and the LM head reads only the nodes whose next token is scored."""
+    """Summed log p(option tokens | prompt) for each option of each row, in one forward per prefix tree: the
+    prompts (in sorted order) and each option's tokens but its last go into trees of ~TREE_NODES nodes (shared
+    prefixes, repeated prompts and options that start alike run once; no padding), and the LM head reads only the
+    nodes whose next token is scored."""
     if model.cfg.family != "decoder":
         raise LmforgeError("choice scoring needs a decoder-only model")
     if not rows or not all(prompt and options and all(options) for prompt, options in rows):
@@ -625,7 +626,7 @@ def _encode_choice(ex: Example, tokenizer: Tokenizer, context: int) -> tuple[lis
 
 def _choice_records(examples: list[Example], model: Transformer, tokenizer: Tokenizer) -> Iterator[dict[str, Any]]:
     encoded = [_encode_choice(ex, tokenizer, model.cfg.max_seq_len) for ex in examples]  # all bad rows before work
-    # rows go through the model together while their prefix tree stays small (counted without the sharing)
+    # rows go to score_rows together up to GROUP_TOKENS (counted without the sharing): progress and resume
     group: list[int] = []
     size = 0
     for i in range(len(encoded)):
