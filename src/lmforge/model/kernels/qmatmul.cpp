@@ -131,18 +131,22 @@ inline void residual_block(const float* x, const int8_t* q, float d, float* r) {
 #endif
 }
 
+// Quantized activations, tile-major: the kMaxTile rows of a tile are stored block by block, each row's block as its
+// pass-1 codes and then (precise) its pass-2 codes, so a tile's pass over a block reads one contiguous run of
+// kMaxTile * 32 * P bytes and a tile's whole K is one stream. With row-major rows a tile read 8 (precise: 16)
+// streams K bytes apart, which the prefetchers did not follow: at prefill sizes the kernel waited on L2.
+// Per-(row, block) scalars use the same order. Rows past M in the last tile are zero padding, never read.
 struct Acts {
-  int64_t M = 0, K = 0, nb = 0;
-  std::vector<int8_t> q;    // (M, K)
-  std::vector<float> d;     // (M, nb)
-  std::vector<int32_t> S;   // (M, nb)
-  std::vector<float> dS;    // (M, nb) d S (+ d2 S2 when precise): the int4 offset term is sum_b o[n,b] dS[m,b]
-  std::vector<uint8_t> u;   // (M, K) q + 128, the unsigned vpdpbusd operand for int8 weights (AVX512 only)
-  // precise mode only: the residual's pass, laid out as the first
-  std::vector<int8_t> q2;
-  std::vector<float> d2;
-  std::vector<int32_t> S2;
-  std::vector<uint8_t> u2;
+  int64_t M = 0, K = 0, nb = 0, P = 1;  // P: passes, 2 when precise
+  std::vector<int8_t> q;      // [tile][b][row][pass][32]
+  std::vector<uint8_t> u;     // the same, + 128: the unsigned vpdpbusd operand for int8 weights (AVX512 only)
+  std::vector<float> d, d2;   // [tile][b][row]: each pass's scale
+  std::vector<int32_t> S, S2; // each pass's sum of codes
+  std::vector<float> dS;      // d S (+ d2 S2 when precise): the int4 offset term is sum_b o[n,b] dS[m,b]
+
+  int64_t at(int64_t m, int64_t b) const { return ((m / kMaxTile) * nb + b) * kMaxTile + m % kMaxTile; }
+  int64_t row_bytes() const { return QK * P; }  // from one row's block to the next row's in the same block
+  const int8_t* codes(int64_t m, int64_t b, int64_t pass) const { return q.data() + at(m, b) * row_bytes() + pass * QK; }
 };
 
 at::Tensor as_float_rows(const at::Tensor& x, int64_t k) {
@@ -157,26 +161,29 @@ Acts quantize_acts(const at::Tensor& xf, bool need_u, bool precise) {
   a.M = xf.size(0);
   a.K = xf.size(1);
   a.nb = a.K / QK;
-  a.q.resize(a.M * a.K);
-  a.d.resize(a.M * a.nb);
-  a.S.resize(a.M * a.nb);
-  a.dS.resize(a.M * a.nb);
+  a.P = precise ? 2 : 1;
+  const int64_t slots = (a.M + kMaxTile - 1) / kMaxTile * kMaxTile * a.nb;  // (row, block) pairs, padding included
+  a.q.resize(slots * a.row_bytes());
+  a.d.resize(slots);
+  a.S.resize(slots);
+  a.dS.resize(slots);
   if (precise) {
-    a.q2.resize(a.M * a.K);
-    a.d2.resize(a.M * a.nb);
-    a.S2.resize(a.M * a.nb);
+    a.d2.resize(slots);
+    a.S2.resize(slots);
   }
   const float* x = xf.data_ptr<float>();
   at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) {
     float r[QK];
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t b = 0; b < a.nb; ++b) {
-        const int64_t i = m * a.nb + b, j = m * a.K + b * QK;
-        quantize_block(x + j, a.q.data() + j, a.d[i], a.S[i]);
+        const int64_t i = a.at(m, b);
+        const float* xb = x + m * a.K + b * QK;
+        int8_t* qb = a.q.data() + i * a.row_bytes();
+        quantize_block(xb, qb, a.d[i], a.S[i]);
         a.dS[i] = a.d[i] * static_cast<float>(a.S[i]);
         if (precise) {
-          residual_block(x + j, a.q.data() + j, a.d[i], r);
-          quantize_block(r, a.q2.data() + j, a.d2[i], a.S2[i]);
+          residual_block(xb, qb, a.d[i], r);
+          quantize_block(r, qb + QK, a.d2[i], a.S2[i]);
           const float dS2 = a.d2[i] * static_cast<float>(a.S2[i]);
           a.dS[i] = a.dS[i] + dS2;
         }
@@ -187,10 +194,6 @@ Acts quantize_acts(const at::Tensor& xf, bool need_u, bool precise) {
   if (need_u) {
     a.u.resize(a.q.size());
     for (size_t i = 0; i < a.q.size(); ++i) a.u[i] = static_cast<uint8_t>(a.q[i] + 128);
-    if (precise) {
-      a.u2.resize(a.q2.size());
-      for (size_t i = 0; i < a.q2.size(); ++i) a.u2[i] = static_cast<uint8_t>(a.q2[i] + 128);
-    }
   }
 #else
   (void)need_u;
@@ -211,26 +214,45 @@ inline __mmask16 lane_mask(int64_t lanes) {
   return lanes >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1);
 }
 
-// The exact int32 block dots of 16 rows' int4 codes (lo, hi: unpacked) with one row's 32 int8 activations.
-inline __m512i int4_dots(const __m512i* lo, const __m512i* hi, const int8_t* qb) {
-  // two independent chains (columns 0..15, 16..31): half the dependent-vpdpbusd latency per block
-  __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+// The exact int32 block dots of 16 rows' int4 codes (lo, hi: unpacked) with R activation rows' blocks, each
+// with its NP passes (qb: the first row's pass 1; rows row_bytes apart, pass 2 at + 32): out[r * NP + p].
+// 2 R NP independent chains (columns 0..15 and 16..31 apart), interleaved so that vpdpbusd's latency is hidden
+// within the tile rather than left to the out-of-order window.
+template <int R, int NP>
+inline void int4_dots(const __m512i* lo, const __m512i* hi, const int8_t* qb, int64_t row_bytes, __m512i* out) {
+  __m512i c0[R * NP], c1[R * NP];
+  for (int j = 0; j < R * NP; ++j) c0[j] = c1[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
   for (int t = 0; t < 4; ++t) {
-    i0 = _mm512_dpbusd_epi32(i0, lo[t], _mm512_set1_epi32(load4(qb + 4 * t)));  // u8 codes x s8 q
-    i1 = _mm512_dpbusd_epi32(i1, hi[t], _mm512_set1_epi32(load4(qb + 16 + 4 * t)));
+#pragma GCC unroll 4
+    for (int j = 0; j < R * NP; ++j) {
+      const int8_t* p = qb + (j / NP) * row_bytes + (j % NP) * QK;
+      c0[j] = _mm512_dpbusd_epi32(c0[j], lo[t], _mm512_set1_epi32(load4(p + 4 * t)));  // u8 codes x s8 q
+      c1[j] = _mm512_dpbusd_epi32(c1[j], hi[t], _mm512_set1_epi32(load4(p + 16 + 4 * t)));
+    }
   }
-  return _mm512_add_epi32(i0, i1);
+  for (int j = 0; j < R * NP; ++j) out[j] = _mm512_add_epi32(c0[j], c1[j]);
+}
+
+// acc += s (d1 I1 (+ d2 I2 when P)) for one row's block: I (and I2) its exact block dots, d / d2 its scales.
+template <bool P>
+inline __m512 scale_dots(__m512 acc, const __m512i* dots, __m512 s16, float d, float d2) {
+  const __m512 dot = _mm512_cvtepi32_ps(dots[0]);
+  if constexpr (P) {  // the residual's dots came from the same unpacked weight registers
+    const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[1]), _mm512_set1_ps(d2),
+                                     _mm512_mul_ps(dot, _mm512_set1_ps(d)));
+    return _mm512_fmadd_ps(f, s16, acc);
+  } else {
+    (void)d2;
+    return _mm512_fmadd_ps(_mm512_mul_ps(dot, s16), _mm512_set1_ps(d), acc);
+  }
 }
 
 template <int MT, bool P, typename ST>
 inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, const ST* o, float* y, int64_t ldy,
                       int64_t lanes) {
+  constexpr int NP = P ? 2 : 1;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const int8_t* q = a.q.data() + m0 * a.K;
-  const float* d = a.d.data() + m0 * a.nb;
-  const float* dS = a.dS.data() + m0 * a.nb;
-  const int8_t* q2 = P ? a.q2.data() + m0 * a.K : nullptr;
-  const float* d2 = P ? a.d2.data() + m0 * a.nb : nullptr;
   __m512 acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
@@ -242,17 +264,26 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
     }
     const __m512 s16 = load16(s + b * RG);
     const __m512 o16 = load16(o + b * RG);
-    for (int i = 0; i < MT; ++i) {
-      const __m512 dot = _mm512_cvtepi32_ps(int4_dots(lo, hi, q + i * a.K + b * QK));
-      if constexpr (P) {  // s (d1 I1 + d2 I2): the residual's dots reuse the unpacked lo / hi registers
-        const __m512 dot2 = _mm512_cvtepi32_ps(int4_dots(lo, hi, q2 + i * a.K + b * QK));
-        const __m512 f = _mm512_fmadd_ps(dot2, _mm512_set1_ps(d2[i * a.nb + b]),
-                                         _mm512_mul_ps(dot, _mm512_set1_ps(d[i * a.nb + b])));
-        acc[i] = _mm512_fmadd_ps(f, s16, acc[i]);
-      } else {
-        acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dot, s16), _mm512_set1_ps(d[i * a.nb + b]), acc[i]);
-      }
-      acc[i] = _mm512_fmadd_ps(o16, _mm512_set1_ps(dS[i * a.nb + b]), acc[i]);  // o d S (+ o d2 S2)
+    const int64_t ab = a.at(m0, b);  // the tile's rows in this block: ab, ab + 1, ...
+    const int8_t* qb = a.q.data() + ab * a.row_bytes();
+    const float* d = a.d.data() + ab;
+    const float* d2 = P ? a.d2.data() + ab : nullptr;
+    const float* dS = a.dS.data() + ab;
+    const auto finish = [&](int i, const __m512i* dots) {
+      acc[i] = scale_dots<P>(acc[i], dots, s16, d[i], P ? d2[i] : 0.0f);
+      acc[i] = _mm512_fmadd_ps(o16, _mm512_set1_ps(dS[i]), acc[i]);  // o d S (+ o d2 S2)
+    };
+    int i = 0;
+    for (; i + 2 <= MT; i += 2) {  // rows two at a time: 4 (precise: 8) chains in flight
+      __m512i dots[2 * NP];
+      int4_dots<2, NP>(lo, hi, qb + i * a.row_bytes(), a.row_bytes(), dots);
+      finish(i, dots);
+      finish(i + 1, dots + NP);
+    }
+    if (i < MT) {
+      __m512i dots[NP];
+      int4_dots<1, NP>(lo, hi, qb + i * a.row_bytes(), a.row_bytes(), dots);
+      finish(i, dots);
     }
   }
   const __mmask16 k = lane_mask(lanes);
@@ -262,24 +293,31 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
 // int8 weights: vpdpbusd wants one unsigned operand, so the activation side is u = q + 128 and
 // sum (q + 128) c = sum q c + 128 sum c; the 128 sum c is removed exactly, in int32, by starting each block's
 // accumulator at -128 csum.
-// The exact int32 block dots of 16 rows' int8 codes c with one row's 32 activations u = q + 128, from
-// corr = -128 csum.
-inline __m512i int8_dots(const __m512i* c, const uint8_t* ub, __m512i corr) {
-  __m512i i0 = corr, i1 = _mm512_setzero_si512();
-  for (int t = 0; t < 8; t += 2) {
-    i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32(load4(ub + 4 * t)), c[t]);
-    i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32(load4(ub + 4 * t + 4)), c[t + 1]);
+// The exact int32 block dots of 16 rows' int8 codes c with R activation rows' blocks u = q + 128 (each with its NP
+// passes, laid out as for int4_dots), from corr = -128 csum: out[r * NP + p].
+template <int R, int NP>
+inline void int8_dots(const __m512i* c, const uint8_t* ub, int64_t row_bytes, __m512i corr, __m512i* out) {
+  __m512i c0[R * NP], c1[R * NP];
+  for (int j = 0; j < R * NP; ++j) {
+    c0[j] = corr;
+    c1[j] = _mm512_setzero_si512();
   }
-  return _mm512_add_epi32(i0, i1);
+#pragma GCC unroll 4
+  for (int t = 0; t < 8; t += 2) {
+#pragma GCC unroll 4
+    for (int j = 0; j < R * NP; ++j) {
+      const uint8_t* p = ub + (j / NP) * row_bytes + (j % NP) * QK;
+      c0[j] = _mm512_dpbusd_epi32(c0[j], _mm512_set1_epi32(load4(p + 4 * t)), c[t]);
+      c1[j] = _mm512_dpbusd_epi32(c1[j], _mm512_set1_epi32(load4(p + 4 * t + 4)), c[t + 1]);
+    }
+  }
+  for (int j = 0; j < R * NP; ++j) out[j] = _mm512_add_epi32(c0[j], c1[j]);
 }
 
 template <int MT, bool P, typename ST>
 inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, const int16_t* cs, float* y,
                       int64_t ldy, int64_t lanes) {
-  const uint8_t* u = a.u.data() + m0 * a.K;
-  const float* d = a.d.data() + m0 * a.nb;
-  const uint8_t* u2 = P ? a.u2.data() + m0 * a.K : nullptr;
-  const float* d2 = P ? a.d2.data() + m0 * a.nb : nullptr;
+  constexpr int NP = P ? 2 : 1;
   __m512 acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
@@ -288,16 +326,21 @@ inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, c
     const __m512 s16 = load16(s + b * RG);
     const __m512i sum16 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs + b * RG)));
     const __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum16, 7));
-    for (int i = 0; i < MT; ++i) {
-      const __m512 dot = _mm512_cvtepi32_ps(int8_dots(c, u + i * a.K + b * QK, corr));
-      if constexpr (P) {  // s (d1 I1 + d2 I2), both against the same loaded codes
-        const __m512 dot2 = _mm512_cvtepi32_ps(int8_dots(c, u2 + i * a.K + b * QK, corr));
-        const __m512 f = _mm512_fmadd_ps(dot2, _mm512_set1_ps(d2[i * a.nb + b]),
-                                         _mm512_mul_ps(dot, _mm512_set1_ps(d[i * a.nb + b])));
-        acc[i] = _mm512_fmadd_ps(f, s16, acc[i]);
-      } else {
-        acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dot, s16), _mm512_set1_ps(d[i * a.nb + b]), acc[i]);
-      }
+    const int64_t ab = a.at(m0, b);
+    const uint8_t* ub = a.u.data() + ab * a.row_bytes();
+    const float* d = a.d.data() + ab;
+    const float* d2 = P ? a.d2.data() + ab : nullptr;
+    int i = 0;
+    for (; i + 2 <= MT; i += 2) {
+      __m512i dots[2 * NP];
+      int8_dots<2, NP>(c, ub + i * a.row_bytes(), a.row_bytes(), corr, dots);
+      acc[i] = scale_dots<P>(acc[i], dots, s16, d[i], P ? d2[i] : 0.0f);
+      acc[i + 1] = scale_dots<P>(acc[i + 1], dots + NP, s16, d[i + 1], P ? d2[i + 1] : 0.0f);
+    }
+    if (i < MT) {
+      __m512i dots[NP];
+      int8_dots<1, NP>(c, ub + i * a.row_bytes(), a.row_bytes(), corr, dots);
+      acc[i] = scale_dots<P>(acc[i], dots, s16, d[i], P ? d2[i] : 0.0f);
     }
   }
   const __mmask16 k = lane_mask(lanes);
@@ -325,8 +368,6 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
                       int64_t lanes) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* q = a.q.data() + m0 * a.K;
-  const int8_t* q2 = P ? a.q2.data() + m0 * a.K : nullptr;
   __m256 acc[MT][2];
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
@@ -334,8 +375,8 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
       const __m256 s8 = load8(s + b * RG + 8 * h);
       const __m256 o8 = load8(o + b * RG + 8 * h);
       for (int i = 0; i < MT; ++i) {
-        const int8_t* qb = q + i * a.K + b * QK;
-        const int8_t* rb = P ? q2 + i * a.K + b * QK : nullptr;
+        const int8_t* qb = a.codes(m0 + i, b, 0);
+        const int8_t* rb = P ? a.codes(m0 + i, b, 1) : nullptr;
         __m256i dot = _mm256_setzero_si256(), dot2 = _mm256_setzero_si256();
         for (int t = 0; t < 4; ++t) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 256 + t * 64 + 32 * h));
@@ -343,7 +384,7 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
           dot = int4_step(int4_step(dot, lo, qb + 4 * t, ones), hi, qb + 16 + 4 * t, ones);
           if constexpr (P) dot2 = int4_step(int4_step(dot2, lo, rb + 4 * t, ones), hi, rb + 16 + 4 * t, ones);
         }
-        const int64_t mb = (m0 + i) * a.nb + b;
+        const int64_t mb = a.at(m0 + i, b);
         if constexpr (P) {  // s (d1 I1 + d2 I2)
           const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2), _mm256_set1_ps(a.d2[mb]),
                                            _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[mb])));
@@ -370,16 +411,14 @@ inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, c
                       int64_t ldy, int64_t lanes) {
   (void)cs;
   const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* q = a.q.data() + m0 * a.K;
-  const int8_t* q2 = P ? a.q2.data() + m0 * a.K : nullptr;
   __m256 acc[MT][2];
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
     for (int h = 0; h < 2; ++h) {
       const __m256 s8 = load8(s + b * RG + 8 * h);
       for (int i = 0; i < MT; ++i) {
-        const int8_t* qb = q + i * a.K + b * QK;
-        const int8_t* rb = P ? q2 + i * a.K + b * QK : nullptr;
+        const int8_t* qb = a.codes(m0 + i, b, 0);
+        const int8_t* rb = P ? a.codes(m0 + i, b, 1) : nullptr;
         __m256i dot = _mm256_setzero_si256(), dot2 = _mm256_setzero_si256();
         for (int t = 0; t < 8; ++t) {
           const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 512 + t * 64 + 32 * h));
@@ -391,7 +430,7 @@ inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, c
             dot2 = _mm256_add_epi32(dot2, _mm256_madd_epi16(_mm256_maddubs_epi16(ac, sr), ones));
           }
         }
-        const int64_t mb = (m0 + i) * a.nb + b;
+        const int64_t mb = a.at(m0 + i, b);
         if constexpr (P) {  // s (d1 I1 + d2 I2)
           const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2), _mm256_set1_ps(a.d2[mb]),
                                            _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[mb])));
@@ -435,9 +474,9 @@ inline int32_t int8_dot(const int8_t* w, int64_t r, const int8_t* q) {
 // d I (+ d2 I2 when precise) for block b of activation row m: the factor that multiplies s.
 template <bool P, typename Dot>
 inline float scaled_dots(const Acts& a, int64_t m, int64_t b, Dot dot) {
-  const int64_t mb = m * a.nb + b;
-  const float f = static_cast<float>(dot(a.q.data() + m * a.K + b * QK)) * a.d[mb];
-  if constexpr (P) return f + static_cast<float>(dot(a.q2.data() + m * a.K + b * QK)) * a.d2[mb];
+  const int64_t mb = a.at(m, b);
+  const float f = static_cast<float>(dot(a.codes(m, b, 0))) * a.d[mb];
+  if constexpr (P) return f + static_cast<float>(dot(a.codes(m, b, 1))) * a.d2[mb];
   return f;
 }
 
@@ -450,7 +489,7 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
       for (int64_t b = 0; b < a.nb; ++b) {
         const float f = scaled_dots<P>(a, m0 + i, b, [&](const int8_t* q) { return int4_dot(w + b * 256, r, q); });
         acc += f * to_float(s[b * RG + r]);
-        acc += to_float(o[b * RG + r]) * a.dS[(m0 + i) * a.nb + b];
+        acc += to_float(o[b * RG + r]) * a.dS[a.at(m0 + i, b)];
       }
       y[i * ldy + r] = acc;
     }
@@ -477,18 +516,25 @@ inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, c
 
 // ---- driver ------------------------------------------------------------------------------------------------
 
-// Groups [g0, g1) of 16 weight rows for every activation row: each group (K/2 or K bytes per row, a few KiB)
-// comes from memory once and stays in L1 while every tile of up to kMaxTile activation rows passes over it,
-// so a decode batch of M rows costs about one weight read.
+// Groups [g0, g1) of 16 weight rows for every activation row, in chunks of groups whose weights (~128 KiB) stay
+// in L2 while every tile of up to kMaxTile activation rows passes over them: a tile's rows stay in L1 across the
+// chunk's groups, and its outputs are written as runs of contiguous 64-byte lines. A decode batch of M <= kMaxTile
+// rows is one tile: each group comes from memory once, so the batch costs about one weight read. (Groups outermost
+// over all rows, as before, re-read every row's activations per group and scattered each group's stores over an
+// (M, N) output larger than L2: at prefill sizes that halved the vpdpbusd rate.)
 template <bool INT4, bool P, typename ST>
 void run_groups(const Acts& a, int64_t g0, int64_t g1, const void* w, const ST* s, const ST* o, const int16_t* cs,
                 float* y, int64_t N) {
   const int64_t wstride = a.nb * (INT4 ? 256 : 512), sstride = a.nb * RG;
-  for (int64_t g = g0; g < g1; ++g) {
-    const int64_t lanes = std::min<int64_t>(RG, N - g * RG);
+  const int64_t group_bytes = wstride + 2 * sstride * static_cast<int64_t>(sizeof(ST));
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{128} << 10) / group_bytes);
+  for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
+    const int64_t c1 = std::min(g1, c0 + chunk);
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
       const int mt = static_cast<int>(std::min<int64_t>(kMaxTile, a.M - m0));
-      float* yp = y + m0 * N + g * RG;
+      for (int64_t g = c0; g < c1; ++g) {
+        const int64_t lanes = std::min<int64_t>(RG, N - g * RG);
+        float* yp = y + m0 * N + g * RG;
 #define QMM_CASE(T)                                                                                             \
   case T:                                                                                                       \
     if constexpr (T <= kMaxTile) {                                                                              \
@@ -500,19 +546,20 @@ void run_groups(const Acts& a, int64_t g0, int64_t g1, const void* w, const ST* 
                             cs + g * sstride, yp, N, lanes);                                                    \
     }                                                                                                           \
     break;
-      switch (mt) {
-        QMM_CASE(1)
-        QMM_CASE(2)
-        QMM_CASE(3)
-        QMM_CASE(4)
-        QMM_CASE(5)
-        QMM_CASE(6)
-        QMM_CASE(7)
-        QMM_CASE(8)
-        default:
-          break;
-      }
+        switch (mt) {
+          QMM_CASE(1)
+          QMM_CASE(2)
+          QMM_CASE(3)
+          QMM_CASE(4)
+          QMM_CASE(5)
+          QMM_CASE(6)
+          QMM_CASE(7)
+          QMM_CASE(8)
+          default:
+            break;
+        }
 #undef QMM_CASE
+      }
     }
   }
 }
@@ -608,16 +655,19 @@ std::vector<at::Tensor> quantize(const at::Tensor& x, bool precise) {
   const at::Tensor xf = as_float_rows(x, x.size(1));
   const Acts a = quantize_acts(xf, false, precise);
   std::vector<at::Tensor> out;
-  const auto pass = [&](const std::vector<int8_t>& qv, const std::vector<float>& dv, const std::vector<int32_t>& Sv) {
+  for (int64_t pass = 0; pass < a.P; ++pass) {  // back to row-major (M, K) / (M, nb) tensors
     at::Tensor q = at::empty({a.M, a.K}, at::kChar), d = at::empty({a.M, a.nb}, at::kFloat),
                S = at::empty({a.M, a.nb}, at::kInt);
-    std::memcpy(q.data_ptr<int8_t>(), qv.data(), qv.size());
-    std::memcpy(d.data_ptr<float>(), dv.data(), dv.size() * sizeof(float));
-    std::memcpy(S.data_ptr<int32_t>(), Sv.data(), Sv.size() * sizeof(int32_t));
+    const std::vector<float>& dv = pass == 0 ? a.d : a.d2;
+    const std::vector<int32_t>& Sv = pass == 0 ? a.S : a.S2;
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t b = 0; b < a.nb; ++b) {
+        std::memcpy(q.data_ptr<int8_t>() + m * a.K + b * QK, a.codes(m, b, pass), QK);
+        d.data_ptr<float>()[m * a.nb + b] = dv[a.at(m, b)];
+        S.data_ptr<int32_t>()[m * a.nb + b] = Sv[a.at(m, b)];
+      }
     out.insert(out.end(), {q, d, S});
-  };
-  pass(a.q, a.d, a.S);
-  if (precise) pass(a.q2, a.d2, a.S2);
+  }
   return out;
 }
 
