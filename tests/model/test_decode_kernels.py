@@ -177,5 +177,8 @@ def test_silu_mul_matches_torch(native: bool, shape: tuple[int, ...]) -> None:
     ref = F.silu(gate) * up
     with torch.inference_mode():
         y = K.silu_mul(x)
+    if x.numel() > 1 << 16 and K.isa() != "avx512vnni":  # its exp is scalar there: PyTorch's ops are faster
+        assert y is None
+        return
     assert y is not None and y.shape == ref.shape
     torch.testing.assert_close(y, ref, rtol=3e-6, atol=1e-30, equal_nan=True)
