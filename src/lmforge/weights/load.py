@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import json
 import os
 import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +115,29 @@ def build_quantized(
     return model.eval().requires_grad_(False)
 
 
-@functools.cache
-def _return_large_frees_to_the_os() -> None:
-    """glibc serves a freed large block's memory to later allocations instead of returning it, once its adaptive
-    threshold has grown: a load's transient tensors (file blocks, unpacked codes) then stay in the process for
-    good, ~170 MB for SmolLM2 at int4. A fixed 1 MB threshold maps every large tensor on its own."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _mallopt(param: int, value: int) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            ctypes.CDLL("libc.so.6").mallopt(param, value)
+
+
+@contextlib.contextmanager
+def _malloc_for_loading() -> Iterator[None]:
+    """While a model loads, every large block is mapped on its own and unmapped when freed: glibc's adaptive
+    threshold would otherwise keep a load's transient tensors (file blocks, unpacked codes) in the process for
+    good, ~170 MB for SmolLM2 at int4. After the load, the opposite: large blocks come from the heap and freed
+    ones stay there, so a step's activations reuse pages the last step touched. Mapped per tensor, each prefill
+    op's output was fresh memory that the kernel zeroed page by page: ~15% of an int4 prefill went to page faults.
+    Pages kept this way are bounded by the largest step's working set."""
+    _mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        _mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest accepted value on 64-bit
+        _mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def default_device() -> str:
@@ -138,7 +153,12 @@ def load(
 
     The checkpoint is checked from its headers first (check.py): a truncated, corrupt or mismatched one is
     refused with an LmforgeError before its tensors are read."""
-    _return_large_frees_to_the_os()
+    with _malloc_for_loading():
+        return _load(name, dtype, device, inference)
+
+
+def _load(name: str | Path, dtype: str | torch.dtype, device: str | torch.device | None,
+          inference: bool) -> tuple[Transformer, Tokenizer]:
     path = resolve(str(name))
     dt = parse_dtype(dtype)
     quant = quant_of(dtype)
