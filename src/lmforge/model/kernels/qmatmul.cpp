@@ -136,13 +136,24 @@ inline void residual_block(const float* x, const int8_t* q, float d, float* r) {
 // kMaxTile * 32 * P bytes and a tile's whole K is one stream. With row-major rows a tile read 8 (precise: 16)
 // streams K bytes apart, which the prefetchers did not follow: at prefill sizes the kernel waited on L2.
 // Per-(row, block) scalars use the same order. Rows past M in the last tile are zero padding, never read.
+// An uninitialised array (std::vector's zero fill was ~1% of a prefill): every element read is written first.
+template <typename T>
+struct Buffer {
+  std::unique_ptr<T[]> p;
+  void resize(int64_t n) { p.reset(new T[n]); }
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+  T& operator[](int64_t i) { return p[i]; }
+  const T& operator[](int64_t i) const { return p[i]; }
+};
+
 struct Acts {
   int64_t M = 0, K = 0, nb = 0, P = 1;  // P: passes, 2 when precise
-  std::vector<int8_t> q;      // [tile][b][row][pass][32]
-  std::vector<uint8_t> u;     // the same, + 128: the unsigned vpdpbusd operand for int8 weights (AVX512 only)
-  std::vector<float> d, d2;   // [tile][b][row]: each pass's scale
-  std::vector<int32_t> S, S2; // each pass's sum of codes
-  std::vector<float> dS;      // d S (+ d2 S2 when precise): the int4 offset term is sum_b o[n,b] dS[m,b]
+  Buffer<int8_t> q;       // [tile][b][row][pass][32]
+  Buffer<uint8_t> u;      // the same, + 128: the unsigned vpdpbusd operand for int8 weights (AVX512 only)
+  Buffer<float> d, d2;    // [tile][b][row]: each pass's scale
+  Buffer<int32_t> S, S2;  // each pass's sum of codes
+  Buffer<float> dS;       // d S (+ d2 S2 when precise): the int4 offset term is sum_b o[n,b] dS[m,b]
 
   int64_t at(int64_t m, int64_t b) const { return ((m / kMaxTile) * nb + b) * kMaxTile + m % kMaxTile; }
   int64_t row_bytes() const { return QK * P; }  // from one row's block to the next row's in the same block
@@ -171,6 +182,11 @@ Acts quantize_acts(const at::Tensor& xf, bool need_u, bool precise) {
     a.d2.resize(slots);
     a.S2.resize(slots);
   }
+#if defined(QMM_AVX512)
+  if (need_u) a.u.resize(slots * a.row_bytes());
+#else
+  need_u = false;
+#endif
   const float* x = xf.data_ptr<float>();
   at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) {
     float r[QK];
@@ -187,17 +203,13 @@ Acts quantize_acts(const at::Tensor& xf, bool need_u, bool precise) {
           const float dS2 = a.d2[i] * static_cast<float>(a.S2[i]);
           a.dS[i] = a.dS[i] + dS2;
         }
+        if (need_u) {
+          uint8_t* ub = a.u.data() + i * a.row_bytes();
+          for (int64_t j = 0; j < a.row_bytes(); ++j) ub[j] = static_cast<uint8_t>(qb[j] + 128);
+        }
       }
     }
   });
-#if defined(QMM_AVX512)
-  if (need_u) {
-    a.u.resize(a.q.size());
-    for (size_t i = 0; i < a.q.size(); ++i) a.u[i] = static_cast<uint8_t>(a.q[i] + 128);
-  }
-#else
-  (void)need_u;
-#endif
   return a;
 }
 
@@ -214,24 +226,41 @@ inline __mmask16 lane_mask(int64_t lanes) {
   return lanes >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1);
 }
 
+// Calls rows(std::integral_constant<int, R>{}, i) over a tile's MT rows: 4 at a time, then 2, then 1.
+template <int MT, typename F>
+inline void tile_rows(F&& rows) {
+  int i = 0;
+  for (; i + 4 <= MT; i += 4) rows(std::integral_constant<int, 4>{}, i);
+  if (MT - i >= 2) {
+    rows(std::integral_constant<int, 2>{}, i);
+    i += 2;
+  }
+  if (i < MT) rows(std::integral_constant<int, 1>{}, i);
+}
+
 // The exact int32 block dots of 16 rows' int4 codes (lo, hi: unpacked) with R activation rows' blocks, each
 // with its NP passes (qb: the first row's pass 1; rows row_bytes apart, pass 2 at + 32): out[r * NP + p].
-// 2 R NP independent chains (columns 0..15 and 16..31 apart), interleaved so that vpdpbusd's latency is hidden
-// within the tile rather than left to the out-of-order window.
+// The R NP chains are interleaved step by step so that vpdpbusd's latency is hidden within the tile. With 4 rows
+// that is enough (~1.3x two rows of two chains each); with fewer, each dot is two chains (columns 0..15 and
+// 16..31) added at the end, half the dependent latency, which decode's single row waits on.
 template <int R, int NP>
 inline void int4_dots(const __m512i* lo, const __m512i* hi, const int8_t* qb, int64_t row_bytes, __m512i* out) {
-  __m512i c0[R * NP], c1[R * NP];
-  for (int j = 0; j < R * NP; ++j) c0[j] = c1[j] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-  for (int t = 0; t < 4; ++t) {
-#pragma GCC unroll 4
-    for (int j = 0; j < R * NP; ++j) {
-      const int8_t* p = qb + (j / NP) * row_bytes + (j % NP) * QK;
-      c0[j] = _mm512_dpbusd_epi32(c0[j], lo[t], _mm512_set1_epi32(load4(p + 4 * t)));  // u8 codes x s8 q
-      c1[j] = _mm512_dpbusd_epi32(c1[j], hi[t], _mm512_set1_epi32(load4(p + 16 + 4 * t)));
+  constexpr int C = R * NP, H = R >= 4 ? 1 : 2;  // H: chains per dot
+  __m512i chain[H][C];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < C; ++j) chain[h][j] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) {  // columns 4t.. (lo) for t < 4, then 16 + 4(t - 4).. (hi)
+    const __m512i codes = t < 4 ? lo[t] : hi[t - 4];
+    const int64_t col = t < 4 ? 4 * t : 16 + 4 * (t - 4);
+    const int h = H == 2 ? t / 4 : 0;
+#pragma GCC unroll 8
+    for (int j = 0; j < C; ++j) {  // u8 codes x s8 q
+      const int8_t* p = qb + (j / NP) * row_bytes + (j % NP) * QK + col;
+      chain[h][j] = _mm512_dpbusd_epi32(chain[h][j], codes, _mm512_set1_epi32(load4(p)));
     }
   }
-  for (int j = 0; j < R * NP; ++j) out[j] = _mm512_add_epi32(c0[j], c1[j]);
+  for (int j = 0; j < C; ++j) out[j] = H == 2 ? _mm512_add_epi32(chain[0][j], chain[H - 1][j]) : chain[0][j];
 }
 
 // acc += s (d1 I1 (+ d2 I2 when P)) for one row's block: I (and I2) its exact block dots, d / d2 its scales.
@@ -273,18 +302,13 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
       acc[i] = scale_dots<P>(acc[i], dots, s16, d[i], P ? d2[i] : 0.0f);
       acc[i] = _mm512_fmadd_ps(o16, _mm512_set1_ps(dS[i]), acc[i]);  // o d S (+ o d2 S2)
     };
-    int i = 0;
-    for (; i + 2 <= MT; i += 2) {  // rows two at a time: 4 (precise: 8) chains in flight
-      __m512i dots[2 * NP];
-      int4_dots<2, NP>(lo, hi, qb + i * a.row_bytes(), a.row_bytes(), dots);
-      finish(i, dots);
-      finish(i + 1, dots + NP);
-    }
-    if (i < MT) {
-      __m512i dots[NP];
-      int4_dots<1, NP>(lo, hi, qb + i * a.row_bytes(), a.row_bytes(), dots);
-      finish(i, dots);
-    }
+    const auto rows = [&](auto r, int i) {  // r rows from row i: 4 r (precise: 8 r) chains in flight
+      constexpr int R = decltype(r)::value;
+      __m512i dots[R * NP];
+      int4_dots<R, NP>(lo, hi, qb + i * a.row_bytes(), a.row_bytes(), dots);
+      for (int j = 0; j < R; ++j) finish(i + j, dots + j * NP);
+    };
+    tile_rows<MT>(rows);
   }
   const __mmask16 k = lane_mask(lanes);
   for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(y + i * ldy, k, acc[i]);
@@ -294,24 +318,25 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
 // sum (q + 128) c = sum q c + 128 sum c; the 128 sum c is removed exactly, in int32, by starting each block's
 // accumulator at -128 csum.
 // The exact int32 block dots of 16 rows' int8 codes c with R activation rows' blocks u = q + 128 (each with its NP
-// passes, laid out as for int4_dots), from corr = -128 csum: out[r * NP + p].
+// passes, laid out as for int4_dots), from corr = -128 csum: out[r * NP + p]; chains as in int4_dots.
 template <int R, int NP>
 inline void int8_dots(const __m512i* c, const uint8_t* ub, int64_t row_bytes, __m512i corr, __m512i* out) {
-  __m512i c0[R * NP], c1[R * NP];
-  for (int j = 0; j < R * NP; ++j) {
-    c0[j] = corr;
-    c1[j] = _mm512_setzero_si512();
+  constexpr int C = R * NP, H = R >= 4 ? 1 : 2;
+  __m512i chain[H][C];
+  for (int j = 0; j < C; ++j) {
+    chain[0][j] = corr;
+    if (H == 2) chain[H - 1][j] = _mm512_setzero_si512();
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < 8; t += 2) {
-#pragma GCC unroll 4
-    for (int j = 0; j < R * NP; ++j) {
-      const uint8_t* p = ub + (j / NP) * row_bytes + (j % NP) * QK;
-      c0[j] = _mm512_dpbusd_epi32(c0[j], _mm512_set1_epi32(load4(p + 4 * t)), c[t]);
-      c1[j] = _mm512_dpbusd_epi32(c1[j], _mm512_set1_epi32(load4(p + 4 * t + 4)), c[t + 1]);
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) {
+    const int h = H == 2 ? t % 2 : 0;
+#pragma GCC unroll 8
+    for (int j = 0; j < C; ++j) {
+      const uint8_t* p = ub + (j / NP) * row_bytes + (j % NP) * QK + 4 * t;
+      chain[h][j] = _mm512_dpbusd_epi32(chain[h][j], _mm512_set1_epi32(load4(p)), c[t]);
     }
   }
-  for (int j = 0; j < R * NP; ++j) out[j] = _mm512_add_epi32(c0[j], c1[j]);
+  for (int j = 0; j < C; ++j) out[j] = H == 2 ? _mm512_add_epi32(chain[0][j], chain[H - 1][j]) : chain[0][j];
 }
 
 template <int MT, bool P, typename ST>
@@ -330,18 +355,13 @@ inline void int8_tile(const Acts& a, int64_t m0, const int8_t* w, const ST* s, c
     const uint8_t* ub = a.u.data() + ab * a.row_bytes();
     const float* d = a.d.data() + ab;
     const float* d2 = P ? a.d2.data() + ab : nullptr;
-    int i = 0;
-    for (; i + 2 <= MT; i += 2) {
-      __m512i dots[2 * NP];
-      int8_dots<2, NP>(c, ub + i * a.row_bytes(), a.row_bytes(), corr, dots);
-      acc[i] = scale_dots<P>(acc[i], dots, s16, d[i], P ? d2[i] : 0.0f);
-      acc[i + 1] = scale_dots<P>(acc[i + 1], dots + NP, s16, d[i + 1], P ? d2[i + 1] : 0.0f);
-    }
-    if (i < MT) {
-      __m512i dots[NP];
-      int8_dots<1, NP>(c, ub + i * a.row_bytes(), a.row_bytes(), corr, dots);
-      acc[i] = scale_dots<P>(acc[i], dots, s16, d[i], P ? d2[i] : 0.0f);
-    }
+    tile_rows<MT>([&](auto r, int i) {
+      constexpr int R = decltype(r)::value;
+      __m512i dots[R * NP];
+      int8_dots<R, NP>(c, ub + i * a.row_bytes(), a.row_bytes(), corr, dots);
+      for (int j = 0; j < R; ++j)
+        acc[i + j] = scale_dots<P>(acc[i + j], dots + j * NP, s16, d[i + j], P ? d2[i + j] : 0.0f);
+    });
   }
   const __mmask16 k = lane_mask(lanes);
   for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(y + i * ldy, k, acc[i]);
@@ -658,8 +678,8 @@ std::vector<at::Tensor> quantize(const at::Tensor& x, bool precise) {
   for (int64_t pass = 0; pass < a.P; ++pass) {  // back to row-major (M, K) / (M, nb) tensors
     at::Tensor q = at::empty({a.M, a.K}, at::kChar), d = at::empty({a.M, a.nb}, at::kFloat),
                S = at::empty({a.M, a.nb}, at::kInt);
-    const std::vector<float>& dv = pass == 0 ? a.d : a.d2;
-    const std::vector<int32_t>& Sv = pass == 0 ? a.S : a.S2;
+    const Buffer<float>& dv = pass == 0 ? a.d : a.d2;
+    const Buffer<int32_t>& Sv = pass == 0 ? a.S : a.S2;
     for (int64_t m = 0; m < a.M; ++m)
       for (int64_t b = 0; b < a.nb; ++b) {
         std::memcpy(q.data_ptr<int8_t>() + m * a.K + b * QK, a.codes(m, b, pass), QK);
