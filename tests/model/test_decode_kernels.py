@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.model import kernels as K
+from lmforge.model.layers import apply_rope, rope_tables
 from lmforge.model.quantize import quantize
 from lmforge.model.transformer import Transformer
 from lmforge.train.lora import LoRAConfig, add_lora
@@ -43,6 +44,7 @@ def decode(model: Transformer, kv_dtype: torch.dtype, fused: bool | str, monkeyp
             m.setattr(K, "decode_block", lambda *a, **k: None)
         if fused is False:
             m.setattr(K, "decode_attention", lambda *a, **k: None)
+            m.setattr(K, "rope_heads", lambda *a, **k: None)
         cache = model.new_cache(4, 96, dtype=kv_dtype)
         lengths = [30, 0, 7, 61]
         g = torch.Generator().manual_seed(1)
@@ -163,6 +165,29 @@ def test_decode_attention_checks_its_inputs(native: bool) -> None:
     for q, c, cache, first, p, heads in bad:
         with pytest.raises(RuntimeError, match="decode_attention"):
             lib.decode_attention(q, c, c, cache, cache.clone(), first, p, heads, 0.25)
+
+
+@pytest.mark.parametrize(("rows", "n_heads", "n_kv", "hd"), [(5, 3, 1, 16), (300, 9, 3, 64), (2, 1, 1, 6)])
+def test_rope_heads_equals_apply_rope_bit_for_bit(native: bool, rows: int, n_heads: int, n_kv: int, hd: int) -> None:
+    """Prefill's native rotary (the q and k heads of the fused projection, each row at its own position) gives
+    apply_rope's bits: the same two rounded products and rounded sum. 300 rows take the row-parallel branch."""
+    g = torch.Generator().manual_seed(rows)
+    qkv = torch.randn(rows, (n_heads + 2 * n_kv) * hd, generator=g) * 3
+    cos_table, sin_table = rope_tables(hd, 512, 10000.0)
+    positions = torch.randint(0, 512, (rows,), generator=g)
+    cos, sin = cos_table[positions], sin_table[positions]
+    n_qk = n_heads + n_kv
+    ref = apply_rope(qkv.view(rows, -1, hd)[:, :n_qk], cos[:, None], sin[:, None]).reshape(rows, -1)
+    with torch.inference_mode():
+        y = K.rope_heads(qkv, cos, sin, n_qk)
+    assert y is not None and torch.equal(y, ref)
+    lib = K._load()
+    with pytest.raises(RuntimeError, match="rope_heads"):
+        lib.rope_heads(qkv, cos[:, :-1].contiguous(), sin[:, :-1].contiguous(), n_qk)  # an odd head_dim
+    with pytest.raises(RuntimeError, match="rope_heads"):
+        lib.rope_heads(qkv, cos[:, ::2], sin[:, ::2], n_qk)  # strided tables
+    with pytest.raises(RuntimeError, match="rope_heads"):
+        lib.rope_heads(qkv, cos, sin, n_heads + 2 * n_kv + 1)  # more heads than the row holds
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 7, 2 * 40), (300, 2 * 1536), (2, 2 * 5)])

@@ -135,7 +135,8 @@ class Attention(nn.Module):
             if self.q_norm is not None and self.k_norm is not None:
                 qk = torch.cat([self.q_norm(qk[:, :, : self.n_head]), self.k_norm(qk[:, :, self.n_head :])], dim=2)
             if rope is not None:  # q and k heads rotated in one go: half the element-wise ops of a decode step
-                qk = apply_rope(qk, *rope)
+                rotated = self.rope_natively(qkv, rope, n_qk) if self.q_norm is None else None
+                qk = apply_rope(qk, *rope) if rotated is None else rotated
             q, k = qk[:, :, : self.n_head].transpose(1, 2), qk[:, :, self.n_head :].transpose(1, 2)
             v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv, T, hd)
             if cache is not None:
@@ -159,6 +160,18 @@ class Attention(nn.Module):
             and not self.training and cache.slots is None and cache.positions.dtype is torch.long
             and not (torch.is_grad_enabled() and qkv.requires_grad) and not torch.compiler.is_compiling()
         )
+
+    @staticmethod
+    def rope_natively(qkv: Tensor, rope: tuple[Tensor, Tensor], n_qk: int) -> Tensor | None:
+        """apply_rope on qkv's first n_qk heads in one native pass (kernels.rope_heads; prefill's many tokens made
+        PyTorch's five element-wise ops a few percent of it), for fp32 inference on the CPU; else None."""
+        B, T, _, hd = qkv.shape
+        if not (qkv.dtype is torch.float32 and qkv.is_cpu and qkv.is_contiguous() and rope[0].dtype is torch.float32
+                and not (torch.is_grad_enabled() and qkv.requires_grad) and not torch.compiler.is_compiling()):
+            return None
+        cos, sin = (t.expand(B, T, 1, hd).reshape(B * T, hd) for t in rope)
+        y = kernels.rope_heads(qkv.view(B * T, -1), cos, sin, n_qk)
+        return None if y is None else y.view(B, T, n_qk, hd)
 
     def attend_keeping_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
         """What SDPA computes, spelled out: q (B, H, T, hd), k/v (B, n_kv, S, hd) -> (B, H, T, hd); the

@@ -85,7 +85,7 @@ from lmforge.errors import LmforgeError
 
 QK = 32  # input columns per block (one activation scale, one weight scale)
 RG = 16  # output rows per packed group (the 16 fp32 lanes of an AVX512 register)
-ABI = 5  # must match kAbi in qmatmul.cpp
+ABI = 6  # must match kAbi in qmatmul.cpp
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "decode.cpp")]
 _HEADER = Path(__file__).with_name("kernels.h")
@@ -537,3 +537,11 @@ def silu_mul(x: Tensor) -> Tensor | None:
     if lib is None or (x.numel() > 1 << 16 and lib.isa() != "avx512vnni"):
         return None
     return lib.silu_mul(x)
+
+
+def rope_heads(x: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> Tensor | None:
+    """apply_rope on the first n_heads heads of each row of a contiguous fp32 CPU x (M, W), cos / sin (M, hd) at each
+    row's position -> (M, n_heads hd), one pass (decode.cpp); the same products and sum, so the same bits. None
+    without the extension: the caller runs apply_rope."""
+    lib = _inference_lib()
+    return None if lib is None else lib.rope_heads(x, cos, sin, n_heads)

@@ -13,6 +13,9 @@
 //   -> y (B, H hd) fp32. Query head h reads kv head h / (H / G) (grouped-query attention). Rows never see another
 //   row's columns or a column past their own position, so no mask is needed.
 // silu_mul: x (M, 2F) fp32, gate columns first -> silu(gate) * up (M, F): a gated MLP's middle.
+// rope_heads: x (M, W) fp32, cos / sin (M, hd) -> the first n_heads heads of each row rotated, (M, n_heads hd):
+//   apply_rope's products and sum, for prefill's many tokens per call (PyTorch's cat, neg, two muls and an add
+//   made five passes over q and k).
 // decode_block: a whole pre-norm block (Llama's) at one token per row, x (B, d) -> (B, d):
 //   x += out(decode_attention(qkv(rms_norm(x)))),  x += fc_out(silu_mul(fc_in(rms_norm(x))))
 //   with the same calls model/layers.py makes one by one from Python, so the same numbers bit for bit; what it
@@ -321,6 +324,35 @@ at::Tensor silu_mul(const at::Tensor& x) {
     body(0, rows);
   } else {
     at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(F, 1)), body);
+  }
+  return y;
+}
+
+at::Tensor rope_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
+              "rope_heads: x must be a contiguous float32 (M, W) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), hd = cos.dim() == 2 ? cos.size(1) : 0;
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == M && t->size(1) == hd && hd > 0 && hd % 2 == 0,
+                "rope_heads: cos and sin must be contiguous float32 (", M, ", head_dim) CPU tensors with an even "
+                "head_dim, got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK(n_heads > 0 && n_heads * hd <= x.size(1), "rope_heads: ", n_heads, " heads of ", hd,
+              " do not fit in rows of ", x.size(1));
+  at::Tensor y = at::empty({M, n_heads * hd}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t W = x.size(1);
+  const auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t h = 0; h < n_heads; ++h) rope(xp + r * W + h * hd, cp + r * hd, sp + r * hd, yp + (r * n_heads + h) * hd, hd);
+  };
+  if (M * n_heads * hd < (int64_t{1} << 15)) {
+    body(0, M);
+  } else {
+    at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 14) / (n_heads * hd)), body);
   }
   return y;
 }

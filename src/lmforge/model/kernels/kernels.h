@@ -35,6 +35,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
                             const at::Tensor& v_cache, int64_t first, const at::Tensor& positions, int64_t n_head,
                             double scale);
 at::Tensor silu_mul(const at::Tensor& x);
+at::Tensor rope_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads);
 
 // One Linear of a decode block: (kind, a, b, c, bias, n, k, precise); kind 0: fp32 weight a (N, K), at::linear;
 // 4: int4 (a, b, c) = (codes, scale, offset); 8: int8 (codes, scale, csum), both qmatmul.cpp's packed layouts.
