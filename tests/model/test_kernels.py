@@ -230,7 +230,19 @@ def test_quantize_ties_zero_blocks_and_native_bits(native: bool) -> None:
     need(native)
     odd = torch.randn(2, 64)
     odd[0, 3], odd[1, 50] = float("nan"), float("nan")  # block 0's first half, block 1's second half
-    for xs in (x, x.bfloat16(), torch.randn(33, 1536) * 1e3, torch.randn(1, 32) * 1e-20):
+    # quotients at and within a few ulps of a half, where a multiply by 1 / d could round the other way (the
+    # native quantizer then divides): every block's max is 127 d, the rest (j + 0.5) d nudged by -4..4 ulps
+    g = torch.Generator().manual_seed(5)
+    scale = torch.rand(64, 48, 1, generator=g) * 10 + 1e-3
+    halves = torch.randint(-127, 127, (64, 48, 32), generator=g).float() + 0.5
+    halves[..., 0] = 127.0
+    nudged = halves * scale
+    steps = torch.randint(-4, 5, nudged.shape, generator=g)
+    for _ in range(4):
+        nudged = torch.where(steps > 0, torch.nextafter(nudged, torch.tensor(float("inf"))), nudged)
+        nudged = torch.where(steps < 0, torch.nextafter(nudged, torch.tensor(float("-inf"))), nudged)
+        steps = steps - steps.sign()
+    for xs in (x, x.bfloat16(), torch.randn(33, 1536) * 1e3, torch.randn(1, 32) * 1e-20, nudged.reshape(64, -1)):
         qn, dn, Sn = K.quantize_activations(xs)
         qf, df, Sf = K.quantize_activations(xs, native=False)
         assert torch.equal(qn, qf) and torch.equal(dn, df) and torch.equal(Sn, Sf)
