@@ -131,11 +131,6 @@ inline void residual_block(const float* x, const int8_t* q, float d, float* r) {
 #endif
 }
 
-// Quantized activations, tile-major: the kMaxTile rows of a tile are stored block by block, each row's block as its
-// pass-1 codes and then (precise) its pass-2 codes, so a tile's pass over a block reads one contiguous run of
-// kMaxTile * 32 * P bytes and a tile's whole K is one stream. With row-major rows a tile read 8 (precise: 16)
-// streams K bytes apart, which the prefetchers did not follow: at prefill sizes the kernel waited on L2.
-// Per-(row, block) scalars use the same order. Rows past M in the last tile are zero padding, never read.
 // An uninitialised array (std::vector's zero fill was ~1% of a prefill): every element read is written first.
 template <typename T>
 struct Buffer {
@@ -147,6 +142,11 @@ struct Buffer {
   const T& operator[](int64_t i) const { return p[i]; }
 };
 
+// Quantized activations, tile-major: the kMaxTile rows of a tile are stored block by block, each row's block as its
+// pass-1 codes and then (precise) its pass-2 codes, so a tile's pass over a block reads one contiguous run of
+// kMaxTile * 32 * P bytes and a tile's whole K is one stream. With row-major rows a tile read 8 (precise: 16)
+// streams K bytes apart, which the prefetchers did not follow: at prefill sizes the kernel waited on L2.
+// Per-(row, block) scalars use the same order. The last tile's slots past row M are never written nor read.
 struct Acts {
   int64_t M = 0, K = 0, nb = 0, P = 1;  // P: passes, 2 when precise
   Buffer<int8_t> q;       // [tile][b][row][pass][32]
