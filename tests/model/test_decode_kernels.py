@@ -100,6 +100,26 @@ def test_native_block_equals_the_modules_bit_for_bit(native: bool, quant: str | 
     assert all(torch.equal(a, b) for a, b in zip(block, modules, strict=True))
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_native_block_follows_replaced_weights(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks' native plans are cached: a weight replaced by another tensor, a Linear replaced by a quantized
+    one, or a norm cast to bf16 after a first decode is what the next decode uses (or leaves to the modules)."""
+    model = tiny(4, 2, 32)
+    decode(model, torch.float32, True, monkeypatch)  # plans cached
+    fc_out = model.decoder[0].mlp.fc_out
+    fc_out.weight = torch.nn.Parameter(torch.randn_like(fc_out.weight), requires_grad=False)
+    quantize(model.decoder[1], "int8")
+    blocks = counted(monkeypatch, "decode_block")
+    native_out, *_ = decode(model, torch.float32, True, monkeypatch)
+    assert len(blocks) == 3 * model.cfg.n_layer
+    modules_out, *_ = decode(model, torch.float32, "attention", monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(native_out, modules_out, strict=True))
+    model.decoder[0].attn_norm.to(torch.bfloat16)  # the same Parameter object, now bf16: not the native block's
+    blocks.clear()
+    decode(model, torch.float32, True, monkeypatch)
+    assert len(blocks) == 3 * (model.cfg.n_layer - 1)
+
+
 def counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     calls: list[int] = []
     real = getattr(K, name)

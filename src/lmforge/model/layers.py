@@ -7,6 +7,7 @@ or oneDNN Linears (model/fast.py) reach all of them by swapping a module.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -228,6 +229,11 @@ class MLP(nn.Module):
         return self.fc_out(self.act(self.fc_in(x)))
 
 
+# Block -> (key, the objects it identifies, native plan): Block.native_plan's cache, outside the module so that it is
+# never pickled, copied or saved with it
+_NATIVE_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
 class Block(nn.Module):
     """Self-attention (+ cross-attention in an encoder-decoder's decoder) + feed-forward, with residuals.
 
@@ -272,25 +278,60 @@ class Block(nn.Module):
         """The whole block in one native call (kernels.decode_block: the same calls as forward, without ~10 Python
         module calls per block) when it is a pre-norm RMSNorm / rotary / SwiGLU block at inference, fp32 on the
         CPU, with no hook, adapter or oneDNN Linear in it; else None and forward goes on."""
+        if (
+            torch.is_grad_enabled() or self.training or x.dtype is not torch.float32 or not x.is_cpu
+            or cache.slots is not None or torch.compiler.is_compiling() or _global_forward_hooks
+            or _global_forward_pre_hooks
+        ):
+            return None
+        plan = self.native_plan()
+        if plan is None:
+            return None
+        attn_norm, mlp_norm, eps, linears, n_head, scale = plan
+        B = x.shape[0]
+        y = kernels.decode_block(x.view(B, -1), attn_norm, mlp_norm, eps, linears, rope[0].reshape(B, -1),
+                                 rope[1].reshape(B, -1), cache.cache.k[layer], cache.cache.v[layer], cache.first,
+                                 cache.positions.reshape(B), n_head, scale)
+        return None if y is None else y.view(B, 1, -1)
+
+    def native_plan(self) -> tuple | None:
+        """kernels.decode_block's arguments that belong to the block (norm weights, eps, the four Linears' specs,
+        heads, scale), or None for a block it cannot run: post-norm, cross-attention, LayerNorm, not SwiGLU, q/k
+        norms, kept attention weights, a hook, or a Linear that native_linear refuses (LoRA, oneDNN, not fp32).
+        Cached, and made again whenever one of the block's modules, their tensors or their flags is another
+        object: built afresh per call, its ~30 nn.Module attribute lookups were ~15% of an int4 decode step."""
+        parts = []
+        for m in self._modules.values():
+            if m is not None:
+                parts.append(m)
+                parts.extend(c for c in m._modules.values() if c is not None)
+        if self._forward_hooks or self._forward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks
+                                                                  for m in parts):
+            return None
+        # a Parameter keeps its identity through .to(dtype) (its .data is swapped), so its dtype is part of the key
+        held = [x for m in parts for x in (m, *m._parameters.values(), *m._buffers.values(),
+                                             *(p.dtype for p in m._parameters.values() if p is not None),
+                                             m.__dict__.get("precise"), m.__dict__.get("keep_weights"))]
+        key = tuple(map(id, held))  # `held` stays referenced with the plan: no id is reused while it is cached
+        cached = _NATIVE_PLANS.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        plan = self._make_native_plan()
+        _NATIVE_PLANS[self] = (key, held, plan)
+        return plan
+
+    def _make_native_plan(self) -> tuple | None:
         attn, mlp = self.attn, self.mlp
         if (
-            torch.is_grad_enabled() or self.post_norm or self.cross_attn is not None or not self.attn_norm.rms
-            or mlp.act is not F.silu or not mlp.gated or attn.q_norm is not None or attn.keep_weights
-            or x.dtype is not torch.float32 or not x.is_cpu or cache.slots is not None or self.training
+            self.post_norm or self.cross_attn is not None or not self.attn_norm.rms or mlp.act is not F.silu
+            or not mlp.gated or attn.q_norm is not None or attn.keep_weights
             or self.attn_norm.weight.dtype is not torch.float32 or self.mlp_norm.weight.dtype is not torch.float32
-            or torch.compiler.is_compiling() or _global_forward_hooks or _global_forward_pre_hooks
-            or any(m._forward_hooks or m._forward_pre_hooks for m in (self, attn, mlp, self.attn_norm, self.mlp_norm))
         ):
             return None
         linears = [native_linear(m) for m in (attn.qkv, attn.out, mlp.fc_in, mlp.fc_out)]
         if any(spec is None for spec in linears):
             return None
-        B = x.shape[0]
-        y = kernels.decode_block(x.view(B, -1), self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps,
-                                 linears, rope[0].reshape(B, -1), rope[1].reshape(B, -1), cache.cache.k[layer],
-                                 cache.cache.v[layer], cache.first, cache.positions.reshape(B), attn.n_head,
-                                 attn.scale)
-        return None if y is None else y.view(B, 1, -1)
+        return self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, linears, attn.n_head, attn.scale
 
 
 def native_linear(m: nn.Module) -> tuple | None:
