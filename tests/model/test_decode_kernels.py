@@ -45,6 +45,7 @@ def decode(model: Transformer, kv_dtype: torch.dtype, fused: bool | str, monkeyp
         if fused is False:
             m.setattr(K, "decode_attention", lambda *a, **k: None)
             m.setattr(K, "rope_heads", lambda *a, **k: None)
+            m.setattr(K, "prefill_attention", lambda *a, **k: None)
         cache = model.new_cache(4, 96, dtype=kv_dtype)
         lengths = [30, 0, 7, 61]
         g = torch.Generator().manual_seed(1)
@@ -185,6 +186,31 @@ def test_decode_attention_checks_its_inputs(native: bool) -> None:
     for q, c, cache, first, p, heads in bad:
         with pytest.raises(RuntimeError, match="decode_attention"):
             lib.decode_attention(q, c, c, cache, cache.clone(), first, p, heads, 0.25)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("B", "T", "H", "G", "hd"), [(1, 37, 9, 3, 64), (2, 5, 4, 4, 32), (1, 130, 2, 1, 128)])
+def test_prefill_attention_matches_sdpa(native: bool, kv_dtype: torch.dtype, B: int, T: int, H: int, G: int,
+                                        hd: int) -> None:
+    """The native prompt attention (tiles of 4 query rows x 16 keys) = causal SDPA over the same cached keys and
+    values, rows in their own slots past `first`, a T that fills neither a tile nor a key block."""
+    if K.isa() != "avx512vnni":
+        pytest.skip("prefill_attention is AVX512 only")
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(B * T, (H + 2 * G) * hd, generator=g)  # a fused projection's rows: query heads first
+    k_cache = torch.randn(B + 1, G, T + 9, hd, generator=g).to(kv_dtype)
+    v_cache = torch.randn(B + 1, G, T + 9, hd, generator=g).to(kv_dtype)
+    y = K.prefill_attention(q, k_cache, v_cache, 1, T, H, hd**-0.5)
+    qh = q[:, : H * hd].view(B, T, H, hd).transpose(1, 2)
+    k, v = (c[1:, :, :T].float() for c in (k_cache, v_cache))
+    ref = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=hd**-0.5, enable_gqa=True)
+    assert y is not None
+    torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B * T, H * hd), rtol=1e-5, atol=1e-5)
+    lib = K._load()
+    with pytest.raises(RuntimeError, match="prefill_attention"):
+        lib.prefill_attention(q, k_cache, v_cache, 2, T, H, 0.1)  # rows past the cache's slots
+    with pytest.raises(RuntimeError, match="prefill_attention"):
+        lib.prefill_attention(q[:, :8], k_cache, v_cache, 0, T, H, 0.1)  # rows narrower than the query heads
 
 
 @pytest.mark.parametrize(("rows", "n_heads", "n_kv", "hd"), [(5, 3, 1, 16), (300, 9, 3, 64), (2, 1, 1, 6)])

@@ -142,6 +142,15 @@ class Attention(nn.Module):
             v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv, T, hd)
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd): every key this call may attend to
+                if (is_causal and mask is None and T > 1 and cache.start == 0 and cache.kv_len == T
+                        and self.fusable(qkv, cache)):
+                    # a prompt from column 0, natively against the keys just cached (SDPA's CPU kernel was ~20% of
+                    # an int4 prefill)
+                    rows = qk if qk.is_contiguous() else qkv  # not rotated nor normed: qk is a view of qkv
+                    y = kernels.prefill_attention(rows.reshape(B * T, -1), cache.cache.k[layer], cache.cache.v[layer],
+                                                  cache.first, T, self.n_head, self.scale)
+                    if y is not None:
+                        return self.out(y.view(B, T, -1))
         if k.dtype != q.dtype:  # a quantized model's bf16 cache: attention in fp32 (bf16 SDPA is ~4x slower here)
             k, v = k.to(q.dtype), v.to(q.dtype)
         if self.keep_weights:

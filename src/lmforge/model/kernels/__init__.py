@@ -85,7 +85,7 @@ from lmforge.errors import LmforgeError
 
 QK = 32  # input columns per block (one activation scale, one weight scale)
 RG = 16  # output rows per packed group (the 16 fp32 lanes of an AVX512 register)
-ABI = 6  # must match kAbi in qmatmul.cpp
+ABI = 7  # must match kAbi in qmatmul.cpp
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "decode.cpp")]
 _HEADER = Path(__file__).with_name("kernels.h")
@@ -545,3 +545,15 @@ def rope_heads(x: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> Tensor | No
     without the extension: the caller runs apply_rope."""
     lib = _inference_lib()
     return None if lib is None else lib.rope_heads(x, cos, sin, n_heads)
+
+
+def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, T: int, n_head: int,
+                      scale: float) -> Tensor | None:
+    """Causal attention of T new tokens per row from column 0, rows first..first+B-1: q (B T, >= H hd) fp32 with
+    each token's query heads first, the layer's cache k/v (slots, G, L, hd) fp32 or bf16 already holding this
+    call's keys and values -> (B T, H hd) fp32, in tiles of 4 query rows x 16 keys (decode.cpp). None without the
+    extension, for a head size other than 32/64/128, or without AVX512: the caller runs SDPA."""
+    lib = _inference_lib()
+    if lib is None or lib.isa() != "avx512vnni" or k_cache.shape[-1] not in (32, 64, 128):
+        return None
+    return lib.prefill_attention(q, k_cache, v_cache, first, T, n_head, scale)

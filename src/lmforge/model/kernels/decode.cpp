@@ -13,6 +13,8 @@
 //   -> y (B, H hd) fp32. Query head h reads kv head h / (H / G) (grouped-query attention). Rows never see another
 //   row's columns or a column past their own position, so no mask is needed.
 // silu_mul: x (M, 2F) fp32, gate columns first -> silu(gate) * up (M, F): a gated MLP's middle.
+// prefill_attention: a prompt's causal attention from column 0, q (B T, >= H hd) against the keys and values the
+//   layer just cached (fp32 or bf16, as SDPA would read them): tiles of 4 query rows x 16 keys (AVX512 only).
 // rope_heads: x (M, W) fp32, cos / sin (M, hd) -> the first n_heads heads of each row rotated, (M, n_heads hd):
 //   apply_rope's products and sum, for prefill's many tokens per call (PyTorch's cat, neg, two muls and an add
 //   made five passes over q and k).
@@ -237,6 +239,97 @@ void attention_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tens
   }
 }
 
+#if defined(QMM_AVX512)
+// Prefill's causal attention (AVX512 only), in tiles: R query rows of one head against 16 keys at a time, the keys
+// transposed (KT: hd x keys, fp32) so that a key block's scores are 16 lanes of R accumulators with no horizontal
+// sums, and the values read once per key for all R rows. kt / v: one kv head's keys (transposed, zero-padded to a
+// multiple of 16) and values (n x hd); q: row t0's query head, rows `width` apart; s: R x ldS scratch.
+constexpr int kPrefillRows = 4;
+
+template <int C>
+void prefill_tile(const float* q, int64_t width, const float* kt, int64_t ldk, const float* v, int64_t t0,
+                  int64_t rows, float scale, float* s, int64_t lds, float* y, int64_t ldy) {
+  constexpr int R = kPrefillRows, hd = 16 * C;
+  const int64_t n = t0 + rows;  // keys 0..t0+rows-1; row r sees 0..t0+r
+  const __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; ++d) {
+      const __m512 k16 = _mm512_loadu_ps(kt + d * ldk + j0);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * width + d]), k16, acc[r]);
+    }
+    const __m512 key = _mm512_add_ps(_mm512_set1_ps(static_cast<float>(j0)), lane);
+    for (int r = 0; r < R; ++r) {  // keys past the row's own position: -inf
+      const __mmask16 future = _mm512_cmp_ps_mask(key, _mm512_set1_ps(static_cast<float>(t0 + r)), _CMP_GT_OQ);
+      _mm512_storeu_ps(s + r * lds + j0,
+                       _mm512_mask_blend_ps(future, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)),
+                                            _mm512_set1_ps(-INFINITY)));
+    }
+  }
+  const int64_t padded = (n + 15) / 16 * 16;
+  float inv[R];
+  for (int r = 0; r < R; ++r) inv[r] = r < rows ? 1.0f / exp_shifted(s + r * lds, padded) : 0.0f;
+  constexpr int RO = C > 4 ? 2 : 4;  // rows per pass over the values: RO C accumulators in registers
+  for (int r0 = 0; r0 < rows; r0 += RO) {
+    __m512 o[RO][C];
+    for (int r = 0; r < RO; ++r)
+      for (int c = 0; c < C; ++c) o[r][c] = _mm512_setzero_ps();
+    const int64_t nr = std::min<int64_t>(n, t0 + r0 + RO);  // the pass's last row sees keys up to t0 + r0 + RO - 1
+    for (int64_t j = 0; j < nr; ++j) {
+      __m512 vj[C];
+      for (int c = 0; c < C; ++c) vj[c] = _mm512_loadu_ps(v + j * hd + 16 * c);
+      for (int r = 0; r < RO; ++r) {
+        const __m512 p = _mm512_set1_ps(s[(r0 + r) * lds + j]);
+        for (int c = 0; c < C; ++c) o[r][c] = _mm512_fmadd_ps(p, vj[c], o[r][c]);
+      }
+    }
+    for (int r = 0; r < RO && r0 + r < rows; ++r)
+      for (int c = 0; c < C; ++c)
+        _mm512_storeu_ps(y + (r0 + r) * ldy + 16 * c, _mm512_mul_ps(o[r][c], _mm512_set1_ps(inv[r0 + r])));
+  }
+}
+
+template <int C, typename T>
+void prefill_heads(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t first,
+                   int64_t Tn, int64_t H, float scale, at::Tensor& y) {
+  constexpr int R = kPrefillRows, hd = 16 * C;
+  const int64_t B = q.size(0) / Tn, G = k_cache.size(1), L = k_cache.size(2), group = H / G, width = q.size(1);
+  const int64_t ldk = (Tn + 15) / 16 * 16;
+  // every (row, kv head)'s keys transposed and values in fp32, once: (B G) x (hd x ldk + Tn x hd)
+  std::vector<float> kv(static_cast<size_t>(B * G * (hd * ldk + Tn * hd)), 0.0f);
+  const T* kc = reinterpret_cast<const T*>(k_cache.data_ptr());
+  const T* vc = reinterpret_cast<const T*>(v_cache.data_ptr());
+  at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / G, g = i % G, cell = ((first + b) * G + g) * L * hd;
+      float* kt = kv.data() + i * (hd * ldk + Tn * hd);
+      float* vv = kt + hd * ldk;
+      for (int64_t j = 0; j < Tn; ++j)
+        for (int d = 0; d < hd; ++d) {
+          kt[d * ldk + j] = load(kc + cell + j * hd + d);
+          vv[j * hd + d] = load(vc + cell + j * hd + d);
+        }
+    }
+  });
+  const int64_t blocks = (Tn + R - 1) / R;
+  const float* qp = q.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  // tasks (row, head, block of R query rows), a head's blocks taken from both ends alternately: any contiguous
+  // range of tasks, what a thread gets, holds about its share of the keys
+  at::parallel_for(0, B * H * blocks, 4, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(static_cast<size_t>(R * ldk));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / blocks, k = i % blocks, b = bh / H, h = bh % H;
+      const int64_t blk = k % 2 == 0 ? k / 2 : blocks - 1 - k / 2, t0 = blk * R, rows = std::min<int64_t>(R, Tn - t0);
+      const float* kt = kv.data() + (b * G + h / group) * (hd * ldk + Tn * hd);
+      prefill_tile<C>(qp + (b * Tn + t0) * width + h * hd, width, kt, ldk, kt + hd * ldk, t0, rows, scale, s.data(),
+                      ldk, out + (b * Tn + t0) * H * hd + h * hd, H * hd);
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
@@ -326,6 +419,46 @@ at::Tensor silu_mul(const at::Tensor& x) {
     at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(F, 1)), body);
   }
   return y;
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t first,
+                             int64_t T, int64_t n_head, double scale) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "prefill_attention: k_cache and v_cache must be contiguous float32 or bfloat16 (slots, kv_heads, "
+              "length, head_dim) CPU tensors of one shape");
+  const int64_t S = k_cache.size(0), G = k_cache.size(1), L = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(G > 0 && n_head > 0 && n_head % G == 0, "prefill_attention: ", n_head, " query heads on ", G,
+              " kv heads");
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 2 && T > 0 &&
+                  q.size(0) % T == 0 && q.size(1) >= n_head * hd,
+              "prefill_attention: q must be a contiguous float32 (B T, >= ", n_head * hd, ") CPU tensor, got ",
+              q.scalar_type(), " ", q.sizes());
+  const int64_t B = q.size(0) / T;
+  TORCH_CHECK(first >= 0 && first + B <= S && T <= L, "prefill_attention: ", B, " rows of ", T,
+              " tokens from slot ", first, " do not fit the cache's ", S, " slots of ", L);
+  TORCH_CHECK(hd == 32 || hd == 64 || hd == 128, "prefill_attention: head_dim ", hd, " is not 32, 64 or 128");
+  at::Tensor y = at::empty({B * T, n_head * hd}, q.options());
+#if defined(QMM_AVX512)
+  if (B == 0) return y;
+  const float sc = static_cast<float>(scale);
+  const auto run = [&](auto c) {
+    constexpr int C = decltype(c)::value;
+    if (k_cache.scalar_type() == at::kFloat)
+      prefill_heads<C, float>(q, k_cache, v_cache, first, T, n_head, sc, y);
+    else
+      prefill_heads<C, uint16_t>(q, k_cache, v_cache, first, T, n_head, sc, y);
+  };
+  if (hd == 32) run(std::integral_constant<int, 2>{});
+  else if (hd == 64) run(std::integral_constant<int, 4>{});
+  else run(std::integral_constant<int, 8>{});
+  return y;
+#else
+  TORCH_CHECK(false, "prefill_attention: needs AVX512 (this build: another code path)");
+  return y;
+#endif
 }
 
 at::Tensor rope_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {

@@ -35,6 +35,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
                             const at::Tensor& v_cache, int64_t first, const at::Tensor& positions, int64_t n_head,
                             double scale);
 at::Tensor silu_mul(const at::Tensor& x);
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t first,
+                             int64_t T, int64_t n_head, double scale);
 at::Tensor rope_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads);
 
 // One Linear of a decode block: (kind, a, b, c, bias, n, k, precise); kind 0: fp32 weight a (N, K), at::linear;

@@ -38,7 +38,7 @@
 namespace {
 
 // Bumped whenever the packed layout or the Python-visible interface changes; __init__.py refuses another.
-constexpr int64_t kAbi = 6;
+constexpr int64_t kAbi = 7;
 constexpr int64_t QK = 32;  // block size (input columns per scale)
 constexpr int64_t RG = 16;  // output rows per group (lanes of a 512-bit register)
 #if defined(QMM_AVX512)
@@ -894,6 +894,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a pre-norm Llama-style block at one token per row: norm, qkv, decode_attention, out, residual, norm, "
         "gated MLP, residual (decode.cpp)", py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &lmforge::silu_mul, "silu(gate) * up of a gated MLP's (M, 2F) projection -> (M, F)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention", &lmforge::prefill_attention,
+        "causal attention of T new tokens per slot from column 0 over the keys and values in the cache (decode.cpp)",
         py::call_guard<py::gil_scoped_release>());
   m.def("rope_heads", &lmforge::rope_heads,
         "rotary embedding of the first n_heads heads of each (M, W) row, cos / sin (M, head_dim) (decode.cpp)",
