@@ -27,11 +27,13 @@ integer dots against the same unpacked weight registers: the weights are still r
 integer work doubles: int4 (3072, 576) 2.9 -> 4.3 ms.
 
 The kernel serves every M, decode and prefill alike, so the numbers never change regime with the batch size.
-Measured on the 2-core AVX512-VNNI build machine, one thread, int4 at (N, K) = (3072, 576): 0.07 ms at M = 1
-against 0.9 ms for fp32 F.linear on an already-dequantized weight, 3 vs 6 ms at M = 64, 20 vs 24 ms at
-M = 512 (and at (576, 1536) a tie from M = 256 on). Dequantizing per call (5-10 ms here) would only add to
-F.linear's side, so no prefill path switches to it. Weights are read from memory once per call for all M rows:
-a decode batch costs about one weight read.
+Measured on the 2-core AVX512-VNNI Xeon, one thread, int4 at (N, K) = (3072, 576): 0.07 ms at M = 1 against
+0.9 ms for fp32 F.linear on an already-dequantized weight, 3 vs 6 ms at M = 64; at M = 512 (prefill) it runs
+vpdpbusd at ~2 G/s per core (this CPU's rate for the instruction alone) and ties MKL's fp32 sgemm on the same
+shapes, the two-pass activations' doubled integer work included. Dequantizing per call would only add to
+F.linear's side, so no prefill path switches to it. Weights are read from memory once per call for all M rows
+of a tile (<= 8): a decode batch costs about one weight read; longer inputs pass over the weights in L2-sized
+chunks of groups, each tile of rows in turn (qmatmul.cpp's run_groups).
 
 Packed layouts (plain tensors, registrable as buffers; qmatmul.cpp's header says why): output rows in groups of
 16, G = ceil(N / 16) (zero rows pad the last group), nb = K / 32, within a group and block the 16 rows'
@@ -55,7 +57,9 @@ needed the whole bf16 cache converted to fp32 every step), silu_mul (a gated MLP
 whole pre-norm block: the same calls the block's modules make, from one Python call instead of ~10). The model's
 PyTorch path is their fallback and reference (tests/model/test_decode_kernels.py). On the 2-core Xeon, SmolLM2
 int4 at 512 tokens of context: 28-31 ms per token through the modules and SDPA, 22-24 with decode_attention,
-15 with decode_block; 8 rows: 176 -> 39 ms per step.
+15 with decode_block; 8 rows: 176 -> 39 ms per step. For prompts it has rope_heads (apply_rope on q and k in
+one pass, the same bits) and prefill_attention (a prompt's causal attention from column 0 against the keys just
+cached: tiles of 4 query rows x 16 transposed keys, ~1.45x SDPA's CPU kernel; AVX512 only).
 
 The extension is compiled by `python -m lmforge.model.kernels --build` (make install runs it) into
 <venv>/lmforge-kernels/<name>/, where <name> hashes the C++ sources, the torch and Python versions, the flags
