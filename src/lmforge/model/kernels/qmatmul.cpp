@@ -372,7 +372,7 @@ inline void int4_tile(const Acts& a, int64_t m0, const uint8_t* w, const ST* s, 
       acc[i] = scale_dots<P>(acc[i], dots, s16, d[i], P ? d2[i] : 0.0f);
       acc[i] = _mm512_fmadd_ps(o16, _mm512_set1_ps(dS[i]), acc[i]);  // o d S (+ o d2 S2)
     };
-    const auto rows = [&](auto r, int i) {  // r rows from row i: 4 r (precise: 8 r) chains in flight
+    const auto rows = [&](auto r, int i) {  // r rows from row i, their chains interleaved (int4_dots)
       constexpr int R = decltype(r)::value;
       __m512i dots[R * NP];
       int4_dots<R, NP>(lo, hi, qb + i * a.row_bytes(), a.row_bytes(), dots);
