@@ -252,12 +252,14 @@ void prefill_tile(const float* q, int64_t width, const float* kt, int64_t ldk, c
   constexpr int R = kPrefillRows, hd = 16 * C;
   const int64_t n = t0 + rows;  // keys 0..t0+rows-1; row r sees 0..t0+r
   const __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const float* qr[R];  // a short tile's missing rows repeat its last one: never read past q's end, never stored
+  for (int r = 0; r < R; ++r) qr[r] = q + std::min<int64_t>(r, rows - 1) * width;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int d = 0; d < hd; ++d) {
       const __m512 k16 = _mm512_loadu_ps(kt + d * ldk + j0);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * width + d]), k16, acc[r]);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), k16, acc[r]);
     }
     const __m512 key = _mm512_add_ps(_mm512_set1_ps(static_cast<float>(j0)), lane);
     for (int r = 0; r < R; ++r) {  // keys past the row's own position: -inf

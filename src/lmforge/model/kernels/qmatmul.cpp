@@ -59,9 +59,8 @@ inline int32_t load4(const void* p) {  // 4 activation bytes, for a broadcast
 // ---- activations --------------------------------------------------------------------------------------------
 
 // One 32-block of a row: d = max|x| / 127, q = round-half-even(x / d) clamped to +-127, S = sum q; a block
-// whose d is not > 0 (all zeros, or NaN) gets q = 0. Plain scalar code on purpose: true division and
-// nearbyint (round-half-even in the default rounding mode) give exactly what torch's x / d and torch.round
-// give, and the cost is O(M K), nothing next to the O(M N K) matmul.
+// whose d is not > 0 (all zeros, or NaN) gets q = 0. True division and nearbyint (round-half-even in the default
+// rounding mode) give exactly what torch's x / d and torch.round give; the vector code below matches it.
 inline void quantize_block_scalar(const float* x, int8_t* q, float& d_out, int32_t& s_out) {
   float amax = 0.0f;
   for (int64_t j = 0; j < QK; ++j) {
@@ -84,30 +83,41 @@ inline void quantize_block_scalar(const float* x, int8_t* q, float& d_out, int32
   s_out = sum;
 }
 
-// The same with AVX512, bit for bit: the per-lane true division and round-to-nearest-even (roundscale) are the
-// scalar code's, and a block holding a NaN or an infinity (where the clamp's NaN handling matters) takes the
-// scalar code. At prefill's sizes the scalar loop (a division per value, twice in precise mode) was ~20% of an
-// int4 matmul.
+#if defined(QMM_AVX512)
+// A finite, NaN-free block's codes for its scale d > 0, bit for bit the scalar code's (per-lane true division,
+// round-to-nearest-even by roundscale, the clamp): written to q; returns their sum.
+inline int32_t block_codes(__m512 lo, __m512 hi, float d, int8_t* q) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 dv = _mm512_set1_ps(d), top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
+  const __m512i a = _mm512_cvtps_epi32(
+      _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(_mm512_div_ps(lo, dv), kRound))));
+  const __m512i b = _mm512_cvtps_epi32(
+      _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(_mm512_div_ps(hi, dv), kRound))));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(a));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(b));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+}
+
+// The block's scale d = max|x| / 127, or 0 when it needs the scalar code: a NaN or an infinity (where the clamp's
+// NaN handling matters; a NaN in either half, which the vector max would hide) or all zeros.
+inline float block_scale(__m512 lo, __m512 hi) {
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  if (!std::isfinite(amax) || _mm512_cmp_ps_mask(lo, hi, _CMP_UNORD_Q)) return 0.0f;
+  const float d = amax / 127.0f;
+  return d > 0.0f ? d : 0.0f;
+}
+#endif
+
+// The same with AVX512 where it can (block_scale), the scalar code otherwise. At prefill's sizes the scalar loop
+// (a division per value, twice in precise mode) was ~20% of an int4 matmul.
 inline void quantize_block(const float* x, int8_t* q, float& d_out, int32_t& s_out) {
 #if defined(QMM_AVX512)
   const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
-  const __m512 amax16 = _mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi));
-  const float amax = _mm512_reduce_max_ps(amax16);
-  if (std::isfinite(amax) && !_mm512_cmp_ps_mask(lo, hi, _CMP_UNORD_Q)) {  // no NaN in either half (max hides it)
-    const float d = amax / 127.0f;
-    if (d > 0.0f) {
-      const __m512 dv = _mm512_set1_ps(d), top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
-      constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-      const __m512i a = _mm512_cvtps_epi32(
-          _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(_mm512_div_ps(lo, dv), kRound))));
-      const __m512i b = _mm512_cvtps_epi32(
-          _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(_mm512_div_ps(hi, dv), kRound))));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(a));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(b));
-      d_out = d;
-      s_out = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
-      return;
-    }
+  const float d = block_scale(lo, hi);
+  if (d > 0.0f) {
+    d_out = d;
+    s_out = block_codes(lo, hi, d, q);
+    return;
   }
 #endif
   quantize_block_scalar(x, q, d_out, s_out);
@@ -133,33 +143,19 @@ inline void residual_block(const float* x, const int8_t* q, float d, float* r) {
 
 #if defined(QMM_AVX512)
 // quantize_block's vector path for 4 consecutive blocks of a row (x: their 128 values; block k's codes to q[k]),
-// phase by phase across the 4 (maxima, scales, quotients), so that their dependent chains (a horizontal max, two
-// divisions, the rounding) overlap: one block at a time, a row's quantization waited on them (~200 cycles a block).
-// False, with nothing written, when a block needs the scalar code (a NaN, an infinity, or all zeros).
+// all 4 scales first, then their codes, so that their dependent chains (a horizontal max, two divisions, the
+// rounding) overlap: one block at a time, a row's quantization waited on them (~200 cycles a block). False, with
+// no codes written, when a block needs the scalar code.
 inline bool quantize_blocks4(const float* x, int8_t* const* q, float* d_out, int32_t* s_out) {
   __m512 v[8];
   for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_ps(x + 16 * j);
-  float d[4];
   bool ok = true;
   for (int k = 0; k < 4; ++k) {
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[2 * k]), _mm512_abs_ps(v[2 * k + 1])));
-    ok = ok && std::isfinite(amax) && !_mm512_cmp_ps_mask(v[2 * k], v[2 * k + 1], _CMP_UNORD_Q);
-    d[k] = amax / 127.0f;
-    ok = ok && d[k] > 0.0f;
+    d_out[k] = block_scale(v[2 * k], v[2 * k + 1]);
+    ok = ok && d_out[k] > 0.0f;
   }
   if (!ok) return false;
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
-  __m512i c[8];
-  for (int j = 0; j < 8; ++j)
-    c[j] = _mm512_cvtps_epi32(_mm512_min_ps(
-        top, _mm512_max_ps(bottom, _mm512_roundscale_ps(_mm512_div_ps(v[j], _mm512_set1_ps(d[j / 2])), kRound))));
-  for (int k = 0; k < 4; ++k) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q[k]), _mm512_cvtepi32_epi8(c[2 * k]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q[k] + 16), _mm512_cvtepi32_epi8(c[2 * k + 1]));
-    d_out[k] = d[k];
-    s_out[k] = _mm512_reduce_add_epi32(_mm512_add_epi32(c[2 * k], c[2 * k + 1]));
-  }
+  for (int k = 0; k < 4; ++k) s_out[k] = block_codes(v[2 * k], v[2 * k + 1], d_out[k], q[k]);
   return true;
 }
 #endif
